@@ -32,7 +32,7 @@ def make_tiny_bert(path: Path, layers: int = 2, hidden: int = 32, seed: int = 0)
     tok.save_pretrained(path)
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(_bert_vocab()), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+                     num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512)
     BertModel(cfg).save_pretrained(path)
     return path
 
@@ -51,7 +51,7 @@ def make_tiny_roberta(path: Path, layers: int = 2, hidden: int = 32, seed: int =
     tok.save_pretrained(path)
     torch.manual_seed(seed)
     cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=130, pad_token_id=1,
+                        intermediate_size=2 * hidden, max_position_embeddings=514, pad_token_id=1,
                         bos_token_id=0, eos_token_id=2, type_vocab_size=1)
     RobertaModel(cfg).save_pretrained(path)
     return path

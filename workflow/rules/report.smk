@@ -1,0 +1,67 @@
+# Tables (mean ± std over seeds beside the published numbers), paired comparison, plots.
+# `snakemake partial_report` builds the same tables and plots from whatever runs exist now.
+
+rule report_manifest:
+    output:
+        "results/report/manifest.json",
+    params:
+        manifest=lambda w: cfg.dumps(manifest()),
+    log:
+        "results/logs/report/manifest.log",
+    shell:
+        "printf '%s\\n' {params.manifest:q} > {output} 2> {log}"
+
+
+rule tables:
+    input:
+        manifest="results/report/manifest.json",
+        paper="config/paper_results.csv",
+        runs=[f"{r.dir}/sts_test.json" for r in RUNS],
+        base=[f"results/base/{b}/sts_test.json" for b in BACKBONES] if evaluation("base", True) else [],
+        code=src("report"),
+    output:
+        [
+            report(f"results/tables/{t}.{ext}", category="Tables", caption=f"../report/{t}.rst")
+            if ext == "md"
+            else f"results/tables/{t}.{ext}"
+            for t in TABLES
+            for ext in ("md", "csv", "tex")
+        ],
+    log:
+        "results/logs/report/tables.log",
+    shell:
+        "python -m clusterns.report tables --manifest {input.manifest} --paper {input.paper} "
+        "--out-dir results/tables > {log} 2>&1"
+
+
+rule plots:
+    input:
+        manifest="results/report/manifest.json",
+        paper="config/paper_results.csv",
+        runs=[f"{r.dir}/{f}" for r in RUNS for f in ("sts_test.json", "train_log.csv", "eval_log.csv", "run.json")],
+        base=[f"results/base/{b}/sts_test.json" for b in BACKBONES] if evaluation("base", True) else [],
+        code=src("report"),
+    output:
+        [
+            report(f"results/plots/{p}.png", category="Plots", caption=f"../report/{p}.rst")
+            for p in plot_names()
+        ]
+        + [f"results/plots/{p}.pdf" for p in plot_names()],
+    log:
+        "results/logs/report/plots.log",
+    shell:
+        "python -m clusterns.report plots --manifest {input.manifest} --paper {input.paper} "
+        "--out-dir results/plots > {log} 2>&1"
+
+
+rule partial_report:
+    """Tables and plots from the runs that exist now (missing seeds marked); always reruns."""
+    input:
+        manifest="results/report/manifest.json",
+        paper="config/paper_results.csv",
+    log:
+        "results/logs/report/partial.log",
+    shell:
+        "(python -m clusterns.report tables --manifest {input.manifest} --paper {input.paper} --out-dir results/partial/tables"
+        " && python -m clusterns.report plots --manifest {input.manifest} --paper {input.paper} --out-dir results/partial/plots)"
+        " > {log} 2>&1 && cat results/partial/tables/main.md"
