@@ -120,7 +120,7 @@ def expand_runs(config: dict) -> list[Run]:
                               f"define it under 'backbones' ({', '.join(backbones) or 'none defined'})")
         bb = backbones[entry["backbone"]]
         method_cfg = methods[entry["method"]]
-        training = _merge(training_defaults, bb.get("training"), method_cfg.get("training"), entry.get("training"))
+        training = _merge(training_defaults, method_cfg.get("training"), bb.get("training"), entry.get("training"))
         objective = _merge(method_cfg.get("objective"), entry.get("objective"), objective_extra)
         try:
             ObjectiveConfig.from_dict(objective).validate(training["batch_size"])

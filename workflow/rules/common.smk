@@ -10,6 +10,7 @@ from clusterns import config as cfg
 from clusterns.data import resolve_local_backbone
 
 SRC = ROOT / "src" / "clusterns"
+PAPER_RESULTS = str(ROOT / "config" / "paper_results.csv")
 
 try:
     RUNS = cfg.expand_runs(config)

@@ -15,7 +15,7 @@ rule report_manifest:
 rule tables:
     input:
         manifest="results/report/manifest.json",
-        paper="config/paper_results.csv",
+        paper=PAPER_RESULTS,
         runs=[f"{r.dir}/sts_test.json" for r in RUNS],
         base=[f"results/base/{b}/sts_test.json" for b in BACKBONES] if evaluation("base", True) else [],
         code=src("report"),
@@ -37,7 +37,7 @@ rule tables:
 rule plots:
     input:
         manifest="results/report/manifest.json",
-        paper="config/paper_results.csv",
+        paper=PAPER_RESULTS,
         runs=[f"{r.dir}/{f}" for r in RUNS for f in ("sts_test.json", "train_log.csv", "eval_log.csv", "run.json")],
         base=[f"results/base/{b}/sts_test.json" for b in BACKBONES] if evaluation("base", True) else [],
         code=src("report"),
@@ -58,7 +58,7 @@ rule partial_report:
     """Tables and plots from the runs that exist now (missing seeds marked); always reruns."""
     input:
         manifest="results/report/manifest.json",
-        paper="config/paper_results.csv",
+        paper=PAPER_RESULTS,
     log:
         "results/logs/report/partial.log",
     shell:

@@ -1,0 +1,220 @@
+"""Training stage: data sharding, early stopping, refusals, distributed equivalence and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clusterns import launch
+from clusterns.train import (EarlyStopping, GlobalBatchSampler, TrainingError, make_collate, per_process_batch,
+                             total_steps)
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_shards_of_every_process_make_the_global_batch():
+    single = GlobalBatchSampler(100, 8, rank=0, world=1, seed=3, start_step=0, total_steps=12)
+    shards = [list(GlobalBatchSampler(100, 8, rank=r, world=2, seed=3, start_step=0, total_steps=12)) for r in (0, 1)]
+    for step, batch in enumerate(single):
+        assert shards[0][step] + shards[1][step] == batch
+    # 12 steps of 8 over 100 sentences: 12 full batches per epoch, so one epoch, no repeats
+    seen = [i for b in GlobalBatchSampler(100, 8, 0, 1, 3, 0, 12) for i in b]
+    assert len(seen) == len(set(seen)) == 96
+
+
+def test_sampler_resumes_at_any_step_and_reshuffles_each_epoch():
+    full = list(GlobalBatchSampler(20, 4, 0, 1, seed=1, start_step=0, total_steps=15))
+    assert list(GlobalBatchSampler(20, 4, 0, 1, seed=1, start_step=7, total_steps=15)) == full[7:]
+    epoch0, epoch1 = full[:5], full[5:10]
+    assert sorted(i for b in epoch0 for i in b) == sorted(i for b in epoch1 for i in b) == list(range(20))
+    assert epoch0 != epoch1
+
+
+def test_collate_pads_right_with_mask():
+    out = make_collate(pad_id=0)([[5, 6, 7], [8]])
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_total_steps_and_batch_refusals():
+    assert total_steps(1000, 64, 1, None) == 15
+    assert total_steps(1000, 64, 2, 20) == 20
+    with pytest.raises(TrainingError, match="fewer than one global batch"):
+        total_steps(10, 64, 1, None)
+    assert per_process_batch(512, 4) == 128
+    with pytest.raises(TrainingError, match="not divisible by 3 processes"):
+        per_process_batch(256, 3)
+
+
+def test_early_stopping_on_a_scripted_metric_sequence():
+    stop = EarlyStopping(patience=3)
+    history = []
+    for step, metric in zip(range(125, 1126, 125), [60.0, 62.5, 62.5, 61.0, 63.0, 62.0, 62.9, 63.0, 70.0]):
+        history.append(stop.update(step, metric))
+        if stop.should_stop:
+            break
+    # 62.5 ties are not improvements; after 63.0 at step 625 three evals without improvement stop it
+    assert history == [True, True, False, False, True, False, False, False]
+    assert (stop.best, stop.best_step, stop.bad_evals) == (63.0, 625, 3)
+    assert EarlyStopping(patience=None).should_stop is False
+
+
+def test_gpu_lease_is_exclusive_and_refuses_more_gpus_than_the_node_has(tmp_path):
+    with launch.lease_gpus(1, ["0", "1"], tmp_path) as first:
+        with launch.lease_gpus(1, ["0", "1"], tmp_path) as second:
+            assert first != second and {first[0], second[0]} == {"0", "1"}
+    with pytest.raises(launch.LaunchError, match="multi-node training is not supported"):
+        with launch.lease_gpus(3, ["0", "1"], tmp_path):
+            pass
+
+
+def test_accelerate_command_uses_a_free_port_and_one_node():
+    cmd = launch.accelerate_command(4, cpu=False, train_args=["--x"])
+    assert cmd[cmd.index("--main_process_port") + 1] == "0"
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
+    assert cmd[-3:] == ["-m", "clusterns.train", "--x"]
+    assert "--cpu" in launch.accelerate_command(1, cpu=True, train_args=[])
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs of the real stage on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, mirror):
+    """The first 400 mirror sentences tokenized for a tiny BERT (4 layers, hidden 64)."""
+    from conftest import make_tiny_bert
+
+    from clusterns.tokenize import tokenize_to_disk
+
+    root = tmp_path_factory.mktemp("train_data")
+    model = make_tiny_bert(root / "model", layers=4, hidden=64)
+    lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:400]
+    (root / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenize_to_disk(model, root / "wiki.txt", root / "tok", max_length=32)
+    return root
+
+
+def hparams(**over) -> dict:
+    training = {"max_seq_length": 32, "epochs": 1, "max_steps": 6, "batch_size": 16, "lr": 1e-4, "dropout": None,
+                "eval_steps": 1000, "early_stop": None, "save_steps": 1000, "log_steps": 2,
+                "mixed_precision": "auto", "gpus": 1, "num_workers": 0, "eval_batch_size": 64}
+    training.update(over.pop("training", {}))
+    objective = {"kmeans": 4, "kmeans_lr": 0.1, "kmean_cosine": 1.0, "hard_negatives": True,
+                 "bml_weight": 0.1, "bml_alpha": 0.0, "bml_beta": 0.3}
+    objective.update(over.pop("objective", {}))
+    return {"method": "clusterns", "backbone": "tiny", "seed": 7, "pooler": "cls", "eval_pooler": "cls_before_pooler",
+            "training": training, "objective": objective, **over}
+
+
+def run_stage(root: Path, name: str, hp: dict, processes: int = 1, wait: bool = True, **popen):
+    (root / f"{name}.json").write_text(json.dumps(hp))
+    cmd = [sys.executable, "-m", "clusterns.launch", "--gpus", str(processes), "--cpu-processes", str(processes), "--",
+           "--hparams", str(root / f"{name}.json"), "--data", str(root / "tok"), "--model", str(root / "model"),
+           "--run-dir", str(root / name / "run"), "--state-dir", str(root / name / "state")]
+    if not wait:
+        return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def read_log(path: Path, drop=("sentences_per_s",)) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_same_global_batch(tokenized):
+    """gloo, dropout off: same losses, clustering state and parameters with clustering active."""
+    hp = hparams(training={"dropout": 0.0, "max_steps": 6, "log_steps": 1})
+    one = run_stage(tokenized, "ddp1", hp, processes=1)
+    two = run_stage(tokenized, "ddp2", hp, processes=2)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    log1, log2 = read_log(tokenized / "ddp1/run/train_log.csv"), read_log(tokenized / "ddp2/run/train_log.csv")
+    assert len(log1) == len(log2) == 6
+    assert all(r["clustering_started"] == "1" for r in log1[1:])  # threshold 1.0: starts at step 1
+    for a, b in zip(log1, log2):
+        assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
+        for key in ("loss", "infonce", "bml", "avg_cos", "lr"):
+            x, y = float(a[key]), float(b[key])
+            assert x == pytest.approx(y, rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], key, x, y)
+    run1 = json.loads((tokenized / "ddp1/run/run.json").read_text())
+    run2 = json.loads((tokenized / "ddp2/run/run.json").read_text())
+    assert (run1["processes"], run2["processes"]) == (1, 2) and run2["per_process_batch"] == 8
+    assert run1["clustering_start_step"] == run2["clustering_start_step"] == 1
+    w1, w2 = weights(tokenized / "ddp1/run/model"), weights(tokenized / "ddp2/run/model")
+    assert w1.keys() == w2.keys()
+    for k in w1:  # tolerance: float32 reductions in a different order over 6 AdamW steps at lr 1e-4
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tokenized):
+    hp = hparams(training={"max_steps": 40, "save_steps": 5, "log_steps": 5, "batch_size": 8})
+    ref = run_stage(tokenized, "ref", hp)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+
+    proc = run_stage(tokenized, "killed", hp, wait=False, start_new_session=True)
+    meta = tokenized / "killed/state/checkpoint/clusterns_meta.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if meta.exists() and json.loads(meta.read_text())["step"] >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tokenized / "killed/run/run.json").exists()
+    killed_at = json.loads(meta.read_text())["step"]
+
+    resumed = run_stage(tokenized, "killed", hp)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"at step {killed_at}" in resumed.stdout + resumed.stderr
+    assert read_log(tokenized / "killed/run/train_log.csv") == read_log(tokenized / "ref/run/train_log.csv")
+    w_ref, w_res = weights(tokenized / "ref/run/model"), weights(tokenized / "killed/run/model")
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_res[k]), k
+    assert not (tokenized / "killed/state").exists()  # finished runs drop their checkpoints
+
+
+def test_refusals_name_the_problem(tokenized, tmp_path):
+    # K larger than the global batch
+    res = run_stage(tokenized, "bigk", hparams(objective={"kmeans": 64}))
+    assert res.returncode != 0 and "batch" in res.stderr and "kmeans" in res.stderr
+    assert not (tokenized / "bigk/run").exists()
+    # missing tokenized cache
+    hp_path = tmp_path / "hp.json"
+    hp_path.write_text(json.dumps(hparams()))
+    out = subprocess.run([sys.executable, "-m", "clusterns.train", "--hparams", str(hp_path), "--data",
+                          str(tmp_path / "nope"), "--model", str(tokenized / "model"), "--run-dir", str(tmp_path / "r"),
+                          "--state-dir", str(tmp_path / "s")], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 1 and "no tokenized cache" in out.stderr and "snakemake" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tokenized):
+    # temp 1e-30 makes the logits infinite, so the loss is NaN from the first step
+    res = run_stage(tokenized, "nan", hparams(objective={"temp": 1e-30}, training={"save_steps": 1}))
+    assert res.returncode != 0
+    assert "non-finite loss at step 1" in res.stderr
+    assert not (tokenized / "nan/run").exists()
+    assert not (tokenized / "nan/state/checkpoint").exists()

@@ -1,0 +1,202 @@
+"""The Snakemake workflow: config validation, the run grid, dry runs of the demo and the paper
+grid, and (slow) the demo pipeline end to end with the HTML report."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clusterns import config as cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def load(name: str) -> dict:
+    return cfg.load(ROOT / "config" / name)
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path, env: dict | None = None, timeout: int = 300):
+    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args, f"--configfile={configfile}"]
+    full_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def write_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema and grid
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c.update(seedz=[1]), "seedz"),
+    (lambda c: c["training"].update(batch_size="big"), "training.batch_size"),
+    (lambda c: c["methods"]["clusterns"]["objective"].update(kmeans=-1), "methods.clusterns.objective.kmeans"),
+    (lambda c: c["backbones"]["minilm"].update(pooler="max"), "backbones.minilm.pooler"),
+    (lambda c: c["data"]["wiki"].update(sha256="xyz"), "data.wiki.sha256"),
+])
+def test_schema_rejects_with_the_key_named(mutate, key):
+    c = load("demo.yaml")
+    mutate(c)
+    with pytest.raises(cfg.ConfigError, match=re.escape(key)):
+        cfg.validate_schema(c)
+
+
+def test_shipped_configs_validate_and_expand():
+    for name in ("demo.yaml", "config.yaml"):
+        c = load(name)
+        cfg.validate_schema(c)
+        assert cfg.expand_runs(c)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c["methods"]["clusterns"]["objective"].update(kmeans=64), "batch"),
+    (lambda c: c["training"].update(gpus=3), "not divisible by gpus=3"),
+    (lambda c: c["runs"].append({"method": "nope", "backbone": "minilm"}), "unknown method 'nope'"),
+    (lambda c: c["runs"].append({"method": "simcse", "backbone": "minilm"}), "appears twice"),
+    (lambda c: c["methods"]["simcse"]["objective"].update(bml_weight=0.1), "kmeans"),
+])
+def test_grid_checks_refuse_inconsistent_settings(mutate, message):
+    c = load("demo.yaml")
+    mutate(c)
+    with pytest.raises(cfg.ConfigError, match=re.escape(message)):
+        cfg.expand_runs(c)
+
+
+def test_settings_precedence_and_sweeps():
+    c = load("demo.yaml")
+    c["methods"]["clusterns"]["training"] = {"lr": 1e-4, "eval_steps": 7}
+    c["backbones"]["minilm"]["training"] = {"eval_steps": 9}
+    c["runs"][1]["training"] = {"lr": 2e-4}
+    c["sweeps"] = [{"method": "clusterns", "backbone": "minilm", "param": "kmeans", "values": [4, 16], "seeds": [1]}]
+    runs = {(r.method, r.seed): r for r in cfg.expand_runs(c)}
+    r = runs[("clusterns", 42)]
+    assert (r.training["lr"], r.training["eval_steps"], r.training["batch_size"]) == (2e-4, 9, 32)
+    assert runs[("simcse", 42)].training["lr"] == 3e-5
+    sweep = runs[("clusterns-kmeans16", 1)]
+    assert sweep.group == "sweep" and sweep.objective["kmeans"] == 16 and sweep.sweep["param"] == "kmeans"
+    assert sweep.dir == "results/runs/clusterns-kmeans16/minilm/seed1"
+
+
+def test_paper_grid_hyperparameters_match_design():
+    runs = {(r.method, r.backbone): r for r in cfg.expand_runs(load("config.yaml"))}
+    expect = {  # DESIGN §5: global batch, gpus, lr, K, kmeans_lr, kmean_cosine, bml weight / alpha / beta
+        "bert-base": (256, 1, 5e-5, 128, 1e-3, 0.4, 1e-3, 0.0, 0.3),
+        "bert-large": (512, 4, 5e-5, 128, 1e-3, 0.5, 5e-5, 0.25, 0.3),
+        "roberta-base": (512, 2, 5e-5, 128, 1e-3, 0.4, 1e-4, 0.2, 0.5),
+        "roberta-large": (512, 4, 5e-5, 128, 5e-4, 0.4, 0.0, None, None),
+    }
+    for bb, (batch, gpus, lr, k, klr, kcos, w, a, b) in expect.items():
+        r = runs[("clusterns", bb)]
+        o = r.objective
+        assert (r.training["batch_size"], r.training["gpus"], r.training["lr"]) == (batch, gpus, lr)
+        assert (o["kmeans"], o["kmeans_lr"], o["kmean_cosine"], o["hard_negatives"]) == (k, klr, kcos, True)
+        assert o.get("bml_weight", 0.0) == w and o.get("bml_alpha") == a and o.get("bml_beta") == b
+    simcse = {bb: (runs[("simcse", bb)].training["batch_size"], runs[("simcse", bb)].training["lr"]) for bb in expect}
+    assert simcse == {"bert-base": (64, 3e-5), "bert-large": (64, 1e-5), "roberta-base": (512, 1e-5),
+                      "roberta-large": (512, 3e-5)}
+    assert runs[("clusterns-no-hn", "bert-base")].objective["hard_negatives"] is False
+    assert runs[("clusterns-no-bml", "bert-base")].objective.get("bml_weight", 0.0) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Dry runs
+
+
+def job_counts(stdout: str) -> Counter:
+    table = stdout[stdout.index("Job stats:"):]
+    counts = Counter()
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit() or parts[0] == "total":
+            if parts and parts[0] == "total":
+                break
+            continue
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_bad_config_stops_snakemake_with_the_key_named(tmp_path):
+    c = load("demo.yaml")
+    c["training"]["lr"] = "fast"
+    res = snakemake(tmp_path, "-n", configfile=write_config(tmp_path, c))
+    assert res.returncode != 0
+    assert "lr" in res.stdout + res.stderr and "fast" in res.stdout + res.stderr
+
+
+def test_demo_dag_dry_run(tmp_path, mirror):
+    res = snakemake(tmp_path, "-n", configfile=ROOT / "config" / "demo.yaml", env={"CLUSTERNS_MIRROR": str(mirror)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    counts = job_counts(res.stdout)
+    assert counts == Counter({"fetch_wiki": 1, "fetch_senteval": 1, "unpack_senteval": 1, "tokenize": 1,
+                              "evaluate_base": 1, "train": 2, "evaluate": 2, "report_manifest": 1, "tables": 1,
+                              "plots": 1, "default": 1})
+    assert f"--mirror" not in res.stdout  # the environment variable is read by the stage itself
+
+
+def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
+    c = load("config.yaml")
+    runs = cfg.expand_runs(c)
+    res = snakemake(tmp_path, "-n", configfile=ROOT / "config" / "config.yaml", timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    counts = job_counts(res.stdout)
+    n_backbones = len(c["backbones"])
+    assert counts["train"] == counts["evaluate"] == len(runs) == 10 * 5
+    assert counts["fetch_backbone"] == counts["evaluate_base"] == n_backbones
+    assert counts["tokenize"] == n_backbones  # one cache per backbone, shared by methods and seeds
+    assert counts["fetch_wiki"] == counts["fetch_senteval"] == counts["unpack_senteval"] == 1
+    assert counts["tables"] == counts["plots"] == 1
+    # GPUs per training job: read from the dry-run job listing
+    gpus = {}
+    for block in res.stdout.split("rule train:")[1:]:
+        wc = re.search(r"wildcards: method=(\S+), backbone=(\S+), seed=(\d+)", block)
+        gpu = re.search(r"gpu=(\d+)", block)
+        gpus[(wc.group(1).rstrip(","), wc.group(2).rstrip(","), int(wc.group(3)))] = int(gpu.group(1))
+    assert len(gpus) == len(runs)
+    for r in runs:
+        assert gpus[(r.method, r.backbone, r.seed)] == r.training["gpus"]
+    assert gpus[("clusterns", "roberta-base", 42)] == 2 and gpus[("clusterns", "bert-large", 42)] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(tmp_path, mirror):
+    env = {"CLUSTERNS_MIRROR": str(mirror)}
+    demo = ROOT / "config" / "demo.yaml"
+    res = snakemake(tmp_path, "--cores", "2", configfile=demo, env=env, timeout=2400)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    main_md = (tmp_path / "results/tables/main.md").read_text()
+    for row in ("base", "SimCSE", "ClusterNS"):
+        assert row in main_md
+    for plot in ("avg_sts", "training_curves"):
+        for ext in ("png", "pdf"):
+            assert (tmp_path / f"results/plots/{plot}.{ext}").stat().st_size > 1000
+    for method in ("simcse", "clusterns"):
+        run = tmp_path / f"results/runs/{method}/minilm/seed42"
+        for name in ("model/config.json", "model/modules.json", "train_log.csv", "eval_log.csv", "run.json",
+                     "sts_test.json"):
+            assert (run / name).exists(), name
+    # Nothing left to do: a rerun is a no-op
+    again = snakemake(tmp_path, "-n", configfile=demo, env=env)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    report = snakemake(tmp_path, "--report", str(tmp_path / "results/report.html"), configfile=demo, env=env)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert (tmp_path / "results/report.html").stat().st_size > 10_000
+    print(main_md)
