@@ -212,8 +212,8 @@ def test_refusals_name_the_problem(tokenized, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tokenized):
-    # temp 1e-30 makes the logits infinite, so the loss is NaN from the first step
-    res = run_stage(tokenized, "nan", hparams(objective={"temp": 1e-30}, training={"save_steps": 1}))
+    # temp 1e-45 (a float32 denormal) makes the logits infinite, so the loss is NaN from step 1
+    res = run_stage(tokenized, "nan", hparams(objective={"temp": 1e-45}, training={"save_steps": 1}))
     assert res.returncode != 0
     assert "non-finite loss at step 1" in res.stderr
     assert not (tokenized / "nan/run").exists()

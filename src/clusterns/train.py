@@ -355,7 +355,10 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tr["lr"]),
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda or None)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not prepared: accelerate would step it once per process (it assumes a
+    # sharded epoch); here one optimizer step is one global batch. It is checkpointed as a custom object.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     loop = LoopState(stopper=EarlyStopping(tr.get("early_stop")), cluster_state=ClusterState(),
                      rng=torch.Generator().manual_seed(seed), digest=hparams_digest(hp))
     accelerator.register_for_checkpointing(loop)

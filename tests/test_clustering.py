@@ -1,0 +1,237 @@
+"""The modified K-means (DESIGN §4 steps 3, 4a-d). Expected values are worked out by hand in
+the comments on tiny 2-D/4-D vectors, independently of the implementation."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from clusterns.clustering import (ClusterState, assign, false_negative_mask, greedy_init_indices,
+                                  hard_negatives, init_centroids, momentum_update, nearest_two)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: intra-op threading only adds overhead (large on a busy 2-CPU box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def t(rows, dtype=torch.float32):
+    return torch.tensor(rows, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- init
+
+# z1 = the identity (rows e0..e3), so C[i, j] = cos(e_i, z2_j) = z2_j[i] (z2 rows are unit):
+#   column j of C is z2_j.
+Z1_EYE = torch.eye(4)
+Z2_CRAFT = t([[1.0, 0.0, 0.0, 0.0],
+              [0.6, 0.0, 0.8, 0.0],
+              [-0.6, 0.8, 0.0, 0.0],
+              [0.0, -0.8, 0.0, 0.6]])
+# C = [[ 1.0, 0.6, -0.6,  0.0],
+#      [ 0.0, 0.0,  0.8, -0.8],
+#      [ 0.0, 0.8,  0.0,  0.0],
+#      [ 0.0, 0.0,  0.0,  0.6]]
+
+
+def test_init_picks_documented_chain_from_cross_view_cosines():
+    # first 0: row 0 over {1: .6, 2: -.6, 3: 0} -> 2; row 2 over {1: .8, 3: 0} -> 3; row 3 over {1} -> 1
+    assert greedy_init_indices(Z1_EYE, Z2_CRAFT, 4, 0).tolist() == [0, 2, 3, 1]
+    # first 1: row 1 over {0: 0, 2: .8, 3: -.8} -> 3; row 3 over {0: 0, 2: 0} tie -> lowest, 0;
+    # row 0 over {2: -.6} -> 2
+    assert greedy_init_indices(Z1_EYE, Z2_CRAFT, 4, 1).tolist() == [1, 3, 0, 2]
+    # the self-similarity chain cos(z1, z1) = I would go 0 -> 1 (tie at 0, lowest): not what we do
+    assert greedy_init_indices(Z1_EYE, Z2_CRAFT, 2, 0).tolist() == [0, 2]
+
+
+def test_init_centroids_are_raw_rows_of_z1_and_detached():
+    z1 = (2.0 * Z1_EYE).requires_grad_(True)  # scaling does not change the cosines
+    c = init_centroids(z1, Z2_CRAFT, 3, torch.tensor([0]))  # tensor index as from torch.randint
+    expected = t([[2.0, 0.0, 0.0, 0.0],
+                  [0.0, 0.0, 2.0, 0.0],
+                  [0.0, 0.0, 0.0, 2.0]])
+    assert torch.equal(c, expected)
+    assert not c.requires_grad and c.dtype == torch.float32
+
+
+@pytest.mark.parametrize("b,k", [(1, 1), (2, 2), (7, 3), (16, 16), (33, 33), (64, 20)])
+def test_init_never_repeats_an_index(b, k):
+    g = torch.Generator().manual_seed(b * 100 + k)
+    for trial in range(5):
+        z1 = torch.randn(b, 6, generator=g)
+        z2 = z1 + 0.3 * torch.randn(b, 6, generator=g)
+        first = int(torch.randint(b, (1,), generator=g))
+        idx = greedy_init_indices(z1, z2, k, first)
+        assert idx[0].item() == first
+        assert len(set(idx.tolist())) == k  # all distinct; with k == b a permutation
+        c = init_centroids(z1, z2, k, first)
+        assert torch.equal(c, z1[idx])
+
+
+def test_init_refuses_k_larger_than_batch_and_bad_index():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="global batch size"):
+        init_centroids(z, z, 5, 0)
+    with pytest.raises(ValueError, match="first_index"):
+        init_centroids(z, z, 2, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        init_centroids(torch.full((4, 3), float("nan")), z, 2, 0)
+
+
+def test_init_under_low_precision_and_autocast():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(12, 8, generator=g).bfloat16()
+    z2 = (z1.float() + 0.2 * torch.randn(12, 8, generator=g)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = init_centroids(z1, z2, 5, 3)
+    assert c.dtype == torch.float32
+    assert torch.equal(c, init_centroids(z1.float(), z2.float(), 5, 3))
+
+
+# ----------------------------------------------------------------------------- assign
+
+def test_assign_ties_go_to_lowest_index():
+    centroids = t([[0.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
+    z = t([[1.0, 0.0],    # cos: 0, .707, .707, .707 -> three-way tie -> 1
+           [0.0, -1.0],   # cos: -1, -.707, -.707, .707 -> 3
+           [0.0, 2.0],    # cos: 1, .707, .707, -.707 -> 0
+           [3.0, 3.0]])   # cos: .707, 1, 1, 0 -> tie of duplicates -> 1
+    assert assign(z, centroids).tolist() == [1, 3, 0, 1]
+    same = torch.ones(5, 3)
+    assert assign(torch.randn(7, 3), same).tolist() == [0] * 7
+
+
+def test_assign_is_nearest_by_cosine_not_distance():
+    # (10, 1) is Euclidean-closer to (5, 5) (6.4 vs 10.0) but cosine-closer to (0.01, 0) (.995 vs .774)
+    centroids = t([[0.01, 0.0], [5.0, 5.0]])
+    assert assign(t([[10.0, 1.0]]), centroids).tolist() == [0]
+
+
+# ----------------------------------------------------------------------------- momentum update
+
+def test_momentum_update_uses_sum_and_keeps_empty_clusters():
+    centroids = t([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    z = t([[2.0, 0.5], [3.0, -0.5], [0.5, 4.0]])
+    # assignments: z0 -> 0, z1 -> 0, z2 -> 1; cluster 2 is empty
+    # c0 = 0.1 * (5, 0) + 0.9 * (1, 0) = (1.4, 0)      (the mean would give (1.15, 0))
+    # c1 = 0.1 * (0.5, 4) + 0.9 * (0, 1) = (0.05, 1.3)
+    # c2 unchanged
+    new = momentum_update(centroids, z, 0.1)
+    assert torch.allclose(new, t([[1.4, 0.0], [0.05, 1.3], [-1.0, 0.0]]), atol=1e-6)
+    assert torch.equal(centroids, t([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))  # input untouched
+    assert torch.equal(new[2], centroids[2])
+
+
+def test_momentum_update_lr_one_and_explicit_assignments():
+    centroids = t([[1.0, 0.0], [0.0, 1.0]])
+    z = t([[1.0, 1.0], [2.0, 3.0], [4.0, 0.0]])
+    # forced assignments [1, 1, 0]: c0 = (4, 0); c1 = (3, 4)
+    new = momentum_update(centroids, z, 1.0, assignments=torch.tensor([1, 1, 0]))
+    assert torch.equal(new, t([[4.0, 0.0], [3.0, 4.0]]))
+
+
+def test_momentum_update_detached_and_skips_nonfinite_rows():
+    centroids = t([[1.0, 0.0], [0.0, 1.0]])
+    z = t([[2.0, 0.0], [float("nan"), 1.0], [0.0, 3.0]]).requires_grad_(True)
+    new = momentum_update(centroids, z, 0.5)
+    # the NaN row joins no cluster: c0 = .5*(2,0) + .5*(1,0) = (1.5, 0); c1 = .5*(0,3) + .5*(0,1) = (0, 2)
+    assert torch.equal(new, t([[1.5, 0.0], [0.0, 2.0]]))
+    assert not new.requires_grad
+
+
+def test_momentum_update_refuses_bad_lr():
+    with pytest.raises(ValueError, match="kmeans_lr"):
+        momentum_update(torch.eye(2), torch.eye(2), 0.0)
+    with pytest.raises(ValueError, match="kmeans_lr"):
+        momentum_update(torch.eye(2), torch.eye(2), 1.5)
+
+
+# ----------------------------------------------------------------------------- hard negatives
+
+def test_hard_negative_is_the_literal_second_nearest():
+    centroids = t([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    z = t([[1.0, 0.0],    # cos: 1, .8, 0, -1 -> nearest 0, second 1
+           [0.0, 1.0],    # cos: 0, .6, 1, 0 -> nearest 2, second 1
+           [-1.0, 0.1]])  # cos: -.995, -.736, .0995, .995 -> nearest 3, second 2
+    h = hard_negatives(z, centroids)
+    assert torch.equal(h, t([[0.8, 0.6], [0.8, 0.6], [0.0, 1.0]]))
+    first, second = nearest_two(z, centroids)
+    assert first.tolist() == [0, 2, 3] and second.tolist() == [1, 1, 2]
+
+
+def test_hard_negative_with_duplicate_top_is_the_other_copy():
+    centroids = t([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    first, second = nearest_two(t([[1.0, 1.0]]), centroids)
+    assert (first.item(), second.item()) == (0, 2)
+
+
+def test_hard_negative_never_own_centroid_random():
+    g = torch.Generator().manual_seed(1)
+    for k in (2, 3, 17):
+        z = torch.randn(50, 8, generator=g, requires_grad=True)
+        centroids = torch.randn(k, 8, generator=g)
+        first, second = nearest_two(z, centroids)
+        own = assign(z, centroids)
+        assert torch.equal(first, own)
+        assert (second != own).all()
+        sims = torch.nn.functional.cosine_similarity(z.detach().unsqueeze(1), centroids.unsqueeze(0), dim=-1)
+        others = sims.scatter(1, own.unsqueeze(1), -2.0)
+        assert torch.allclose(sims.gather(1, second.unsqueeze(1)).squeeze(1), others.max(1).values)
+        h = hard_negatives(z, centroids)
+        assert torch.equal(h, centroids[second]) and not h.requires_grad
+
+
+def test_hard_negatives_need_two_centroids():
+    with pytest.raises(ValueError, match="at least 2 centroids"):
+        hard_negatives(torch.randn(3, 2), torch.randn(1, 2))
+
+
+# ----------------------------------------------------------------------------- mask
+
+def test_false_negative_mask_literal():
+    m = false_negative_mask(torch.tensor([0, 1, 0, 2, 1]))
+    expected = torch.tensor([[0, 0, 1, 0, 0],
+                             [0, 0, 0, 0, 1],
+                             [1, 0, 0, 0, 0],
+                             [0, 0, 0, 0, 0],
+                             [0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert m.dtype == torch.bool and torch.equal(m, expected)
+
+
+def test_false_negative_mask_symmetric_zero_diagonal_random():
+    a = torch.randint(4, (40,), generator=torch.Generator().manual_seed(3))
+    m = false_negative_mask(a)
+    assert torch.equal(m, m.T) and not m.diagonal().any()
+    counts = torch.bincount(a)
+    assert int(m.sum()) == int((counts * (counts - 1)).sum())
+
+
+# ----------------------------------------------------------------------------- state
+
+def test_cluster_state_round_trip_through_torch_save():
+    s = ClusterState(centroids=torch.randn(3, 4), started=True, start_step=7,
+                     last_stats={"loss": torch.tensor(1.5)})
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    r = ClusterState()
+    r.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(r.centroids, s.centroids) and r.started and r.start_step == 7
+    assert float(r.last_stats["loss"]) == 1.5
+    fresh = ClusterState()
+    fresh.load_state_dict(ClusterState().state_dict())
+    assert fresh.centroids is None and not fresh.started and fresh.start_step is None
+
+
+def test_cluster_state_refuses_corrupt_dict():
+    with pytest.raises(ValueError, match="missing"):
+        ClusterState().load_state_dict({"centroids": None})
+    bad = ClusterState().state_dict() | {"started": True}
+    with pytest.raises(ValueError, match="corrupt"):
+        ClusterState().load_state_dict(bad)
