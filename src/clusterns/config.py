@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,11 +146,6 @@ def expand_runs(config: dict) -> list[Run]:
             raise ConfigError(f"config key runs: {r.method}/{r.backbone}/seed{r.seed} appears twice")
         seen.add(key)
     return runs
-
-
-def mirror(config: dict) -> str | None:
-    """The data mirror: ``CLUSTERNS_MIRROR`` wins over the config key ``mirror``."""
-    return os.environ.get("CLUSTERNS_MIRROR") or config.get("mirror") or None
 
 
 def dumps(obj) -> str:

@@ -19,7 +19,7 @@ except cfg.ConfigError as e:
 
 RUN_INDEX = {(r.method, r.backbone, str(r.seed)): r for r in RUNS}
 BACKBONES = list(config["backbones"])
-MIRROR = cfg.mirror(config)
+MIRROR = config.get("mirror")  # CLUSTERNS_MIRROR is read (and wins) in the stage itself
 
 
 wildcard_constraints:
