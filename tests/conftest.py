@@ -57,6 +57,17 @@ def make_tiny_roberta(path: Path, layers: int = 2, hidden: int = 32, seed: int =
     return path
 
 
+@pytest.fixture()
+def single_thread():
+    """Tiny tensors: intra-op threading only adds overhead (large on a busy 2-CPU box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))

@@ -12,13 +12,7 @@ import torch.nn.functional as F
 from clusterns.losses import bml_loss, cosine_matrix, info_nce
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threading only adds overhead (large on a busy 2-CPU box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def t(rows, dtype=torch.float32):

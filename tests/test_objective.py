@@ -15,13 +15,7 @@ from clusterns.losses import bml_loss, cosine_matrix, info_nce
 from clusterns.objective import STAT_KEYS, ObjectiveConfig, ObjectiveConfigError, compute_objective
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threading only adds overhead (large on a busy 2-CPU box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 B, D = 24, 8
 

@@ -307,17 +307,8 @@ def test_dropout_off_and_mode_restored(bert):
     model.eval()
 
 
-@pytest.fixture()
-def one_thread():
-    """Hundreds of tiny forward passes: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("pooler", ["avg", "cls_before_pooler"])
-def test_dedup_and_length_batching_equal_naive_pairwise(bert, fixture_tasks, pooler, one_thread):
+def test_dedup_and_length_batching_equal_naive_pairwise(bert, fixture_tasks, pooler, single_thread):
     model, tok = bert
     model.eval()
     results = sts.score_tasks(fixture_tasks, sts.hf_embedder(model, tok, pooler, batch_size=16))

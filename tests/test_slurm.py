@@ -1,0 +1,253 @@
+"""The SLURM profile (profiles/slurm) against a real scheduler.
+
+A session fixture starts a throwaway single-node SLURM cluster on this machine
+(``scripts/slurm-cluster``: Debian's slurm-wlm + munge, its own munge socket, no accounting, two
+fake GPUs), then a tiny configuration of the whole pipeline runs twice: locally
+(``snakemake --cores 2``) and through ``snakemake --workflow-profile <profile>`` with the real
+sbatch/squeue, where <profile> is profiles/slurm with the edits a user makes for a cluster (here:
+2-CPU node, no sacct). Every job must have gone through SLURM, and both runs must give the same
+numbers (CPU, same seeds, same thread counts).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clusterns import config as cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
+SLURM_CLUSTER = ROOT / "scripts" / "slurm-cluster"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+THREADS = 2  # per job, in both runs: the local run's --cores, the test node's CPUs
+
+
+def require_plugin():
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.fail("snakemake-executor-plugin-slurm is not installed (pip install -e '.[test]')")
+
+
+def run_snakemake(workdir: Path, *args: str, configfile: Path, env: dict | None = None, timeout: int = 900):
+    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args, f"--configfile={configfile}"]
+    full_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
+    # the jobs' `python -m clusterns...` must resolve to this interpreter (SLURM jobs inherit this
+    # environment: the plugin submits with sbatch --export=ALL)
+    full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 900) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return -1, out + "\n[timed out]"
+    return proc.returncode, out
+
+
+# ------------------------------------------------------------------------------------------------
+# The profile itself (no cluster needed)
+
+
+def workflow_rules() -> set[str]:
+    res = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--list-rules",
+                          f"--configfile={ROOT / 'config' / 'demo.yaml'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return {line.strip() for line in res.stdout.splitlines() if re.fullmatch(r"\s*\w+\s*", line)}
+
+
+def test_slurm_profile_names_real_rules_and_keeps_the_gpu_of_each_run():
+    prof = yaml.safe_load(PROFILE.read_text())
+    assert prof["executor"] == "slurm"
+    assert prof["retries"] >= 1 and prof["latency-wait"] >= 30 and prof["jobs"] >= 1
+    rules = workflow_rules()
+    assert {"train", "evaluate", "tokenize", "fetch_wiki"} <= rules
+    assert set(prof["set-resources"]) <= rules, set(prof["set-resources"]) - rules
+    assert set(prof["set-threads"]) <= rules
+    # the rule's own gpu resource (= training.gpus of each run) reaches sbatch: never overridden
+    assert "gpu" not in prof["set-resources"]["train"]
+    for rule, threads in prof["set-threads"].items():  # cpus-per-task = the threads the job uses
+        assert prof["set-resources"][rule].get("cpus_per_task", threads) == threads, rule
+    # partition/account are left to the site: never a placeholder that sbatch would receive
+    for key in ("slurm_partition", "slurm_account"):
+        assert key not in prof.get("default-resources", {})
+
+
+def test_slurm_profile_dry_run_shows_each_runs_gpus(tmp_path):
+    require_plugin()
+    c = cfg.load(ROOT / "config" / "config.yaml")
+    res = subprocess.run([*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--workflow-profile",
+                          str(PROFILE.parent), "-n", "results/runs/clusterns/roberta-base/seed42/sts_test.json",
+                          "results/runs/clusterns/bert-large/seed42/sts_test.json",
+                          f"--configfile={ROOT / 'config' / 'config.yaml'}"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    blocks = {m.group(1): m.group(0) for m in re.finditer(
+        r"rule train:.*?wildcards: method=clusterns, backbone=([\w-]+).*?resources: [^\n]*", res.stdout, re.S)}
+    runs = {r.backbone: r for r in cfg.expand_runs(c) if r.method == "clusterns"}
+    assert set(blocks) == {"roberta-base", "bert-large"}
+    for bb, block in blocks.items():
+        assert f"gpu={runs[bb].training['gpus']}" in block  # 2 and 4: the paper's GPUs per run
+        assert "cpus_per_task=8" in block and "mem_mb=64000" in block and "runtime=720" in block
+    assert re.search(r"rule evaluate:.*?resources: [^\n]*gpu=1", res.stdout, re.S)
+
+
+# ------------------------------------------------------------------------------------------------
+# A real cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A single-node SLURM cluster (2 CPUs, 2 fake GPUs) for the session; yields its environment."""
+    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch", "squeue")
+               if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): "
+                    "apt-get install -y slurm-wlm munge (.ci/run does this)")
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster's slurmd must run as root")
+    d = Path(tempfile.mkdtemp(prefix="clusterns-slurm-"))  # short path: munge's socket lives there
+    res = subprocess.run([sys.executable, str(SLURM_CLUSTER), "start", str(d), "--cpus", str(THREADS),
+                          "--gpus", "2"], capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        shutil.rmtree(d, ignore_errors=True)
+        pytest.fail(f"could not start the test SLURM cluster:\n{res.stdout}\n{res.stderr}")
+    try:
+        yield {"SLURM_CONF": str(d / "slurm.conf"), "dir": d}
+    finally:
+        subprocess.run([sys.executable, str(SLURM_CLUSTER), "stop", str(d)], capture_output=True, timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def cluster_profile(dst: Path) -> Path:
+    """profiles/slurm with the edits a user makes for this cluster, written to ``dst/config.yaml``."""
+    prof = yaml.safe_load(PROFILE.read_text())
+    prof["slurm-status-command"] = "squeue"  # no accounting database (sacct) on the test cluster
+    prof["slurm-init-seconds-before-status-checks"] = 2  # tiny jobs: poll often
+    prof["seconds-between-status-checks"] = 2
+    prof["slurm-keep-successful-logs"] = True  # the test looks at them
+    prof["set-threads"] = {rule: THREADS for rule in prof["set-threads"]}  # a 2-CPU node
+    for res in prof["set-resources"].values():
+        if "cpus_per_task" in res:
+            res["cpus_per_task"] = THREADS
+        res["mem_mb"] = min(res.get("mem_mb", 1000), 1000)
+    prof["default-resources"]["mem_mb"] = 1000
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
+    return dst
+
+
+def tiny_config(path: Path, model: Path) -> Path:
+    c = cfg.load(ROOT / "config" / "demo.yaml")
+    c["data"]["wiki"]["head"] = 300
+    c["backbones"] = {"tiny": {"model": str(model), "family": "bert", "label": "tiny BERT"}}
+    c["training"] = {"batch_size": 16, "max_steps": 4, "lr": 3e-5, "eval_steps": 1000, "save_steps": 1000,
+                     "log_steps": 1, "gpus": 1, "num_workers": 0}
+    c["methods"]["clusterns"]["objective"].update(kmeans=4, kmean_cosine=1.0)  # clustering from step 1
+    c["runs"] = [{"method": "simcse", "backbone": "tiny"}, {"method": "clusterns", "backbone": "tiny"}]
+    c["seeds"] = [7]
+    c["evaluation"] = {"batch_size": 256, "dtype": "fp32", "base": False}
+    c["report"] = {"paired": [["clusterns", "simcse"]], "plots": False}
+    path.write_text(yaml.safe_dump(c))
+    return path
+
+
+def numbers(obj, prefix=""):
+    """Every numeric leaf of a JSON document, by path."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from numbers(v, f"{prefix}/{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from numbers(v, f"{prefix}/{i}")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield prefix, obj
+
+
+def sts_scores(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    volatile = re.compile(r"time|second|per_s|throughput|version|date|host|elapsed|duration", re.I)
+    return {k: v for k, v in numbers(data) if not volatile.search(k)}
+
+
+def train_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k != "sentences_per_s"} for row in csv.DictReader(f)]
+
+
+def squeue_jobs(env: dict) -> dict[str, tuple[str, str]]:
+    res = subprocess.run(["squeue", "-h", "--states=all", "-o", "%i|%T|%k"], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    assert res.returncode == 0, res.stderr
+    return {i: (state, comment) for i, state, comment in (line.split("|", 2) for line in res.stdout.splitlines() if line)}
+
+
+@pytest.mark.slow
+def test_pipeline_through_slurm_equals_local_run(tmp_path, tiny_bert, mirror, slurm_cluster):
+    require_plugin()
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_bert)
+    profile = cluster_profile(tmp_path / "profile")
+    env = {"CLUSTERNS_MIRROR": str(mirror), "SLURM_CONF": slurm_cluster["SLURM_CONF"]}
+    local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
+
+    t0 = time.monotonic()
+    # Both at once: the SLURM run mostly waits (submission, polling), the local run computes.
+    slurm = run_snakemake(slurm_dir, "--workflow-profile", str(profile), configfile=config, env=env)
+    local = run_snakemake(local_dir, "--cores", str(THREADS), configfile=config, env=env)
+    rc_local, out_local = finish(local)
+    t_local = time.monotonic() - t0
+    rc_slurm, out_slurm = finish(slurm)
+    t_slurm = time.monotonic() - t0
+    print(f"\nlocal run {t_local:.0f} s, SLURM run {t_slurm:.0f} s (concurrently)")
+    assert rc_local == 0, out_local[-6000:]
+    assert rc_slurm == 0, out_slurm[-8000:]
+
+    # Every job went through SLURM: submitted with sbatch, seen COMPLETED by squeue, SLURM log kept.
+    submitted = dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out_slurm))
+    expected = {"fetch_wiki": 1, "fetch_senteval": 1, "unpack_senteval": 1, "tokenize": 1, "train": 2,
+                "evaluate": 2, "report_manifest": 1, "tables": 1}
+    assert len(submitted) == sum(expected.values()), out_slurm[-6000:]
+    jobs = squeue_jobs(slurm_cluster)
+    by_rule: dict[str, list[str]] = {}
+    for slurm_id in submitted.values():
+        state, comment = jobs[slurm_id]
+        assert state == "COMPLETED", (slurm_id, state, comment)
+        rule = re.match(r"rule_(\w+?)(_wildcards_.*)?$", comment).group(1)
+        by_rule.setdefault(rule, []).append(slurm_id)
+        logs = list((slurm_dir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{slurm_id}.log"))
+        assert logs, f"no SLURM log for job {slurm_id} ({rule})"
+    assert {r: len(ids) for r, ids in by_rule.items()} == expected
+    # training asked SLURM for the run's GPU (a fake one here: the run then trains on the CPU)
+    for slurm_id in by_rule["train"]:
+        show = subprocess.run(["scontrol", "show", "job", slurm_id], capture_output=True, text=True,
+                              env={**os.environ, **slurm_cluster}).stdout
+        assert re.search(r"gres[:/]gpu[:=]1", show), show
+
+    # Same results.
+    for method in ("simcse", "clusterns"):
+        run = f"results/runs/{method}/tiny/seed7"
+        a, b = sts_scores(local_dir / run / "sts_test.json"), sts_scores(slurm_dir / run / "sts_test.json")
+        assert a.keys() == b.keys() and "/avg" in a
+        for key in a:
+            assert math.isclose(a[key], b[key], rel_tol=0, abs_tol=1e-9) or (math.isnan(a[key]) and math.isnan(b[key])), \
+                (method, key, a[key], b[key])
+        rows_local, rows_slurm = train_rows(local_dir / run / "train_log.csv"), train_rows(slurm_dir / run / "train_log.csv")
+        assert len(rows_local) == 4 and rows_local == rows_slurm, method
+    assert (slurm_dir / "results/tables/main.md").read_text() == (local_dir / "results/tables/main.md").read_text()
