@@ -48,6 +48,7 @@ def write_config(tmp_path: Path, data: dict) -> Path:
     (lambda c: c["methods"]["clusterns"]["objective"].update(kmeans=-1), "methods.clusterns.objective.kmeans"),
     (lambda c: c["backbones"]["minilm"].update(pooler="max"), "backbones.minilm.pooler"),
     (lambda c: c["data"]["wiki"].update(sha256="xyz"), "data.wiki.sha256"),
+    (lambda c: c.update(released={"x": {"model": "m", "method": "simcse", "backbone": "minilm"}}), "released.x"),
 ])
 def test_schema_rejects_with_the_key_named(mutate, key):
     c = load("demo.yaml")
@@ -160,6 +161,7 @@ def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
     assert counts["tokenize"] == n_backbones  # one cache per backbone, shared by methods and seeds
     assert counts["fetch_wiki"] == counts["fetch_senteval"] == counts["unpack_senteval"] == 1
     assert counts["tables"] == counts["plots"] == 1
+    assert counts["fetch_released"] == counts["evaluate_released"] == len(c["released"]) == 8
     # GPUs per training job: read from the dry-run job listing
     gpus = {}
     for block in res.stdout.split("rule train:")[1:]:
@@ -200,3 +202,22 @@ def test_demo_pipeline_end_to_end(tmp_path, mirror):
     assert report.returncode == 0, report.stdout + report.stderr
     assert (tmp_path / "results/report.html").stat().st_size > 10_000
     print(main_md)
+
+
+@pytest.mark.slow
+def test_released_checkpoint_rows(tmp_path, mirror, tiny_bert):
+    """A locally saved model stands in for a hub id: scored by the rule, shown as a 'released' row."""
+    c = load("demo.yaml")
+    c["released"] = {"tiny-simcse": {"model": str(tiny_bert), "method": "simcse", "backbone": "minilm",
+                                     "pooler": "cls_before_pooler"}}
+    conf = write_config(tmp_path, c)
+    env = {"CLUSTERNS_MIRROR": str(mirror)}
+    res = snakemake(tmp_path, "--cores", "2", "results/released/tiny-simcse/sts_test.json", "results/report/manifest.json",
+                    configfile=conf, env=env, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    partial = snakemake(tmp_path, "--cores", "1", "partial_report", configfile=conf, env=env, timeout=600)
+    assert partial.returncode == 0, partial.stdout[-4000:] + partial.stderr[-4000:]
+    table = (tmp_path / "results/partial/tables/main.md").read_text()
+    assert "SimCSE (released)" in table
+    csv_rows = (tmp_path / "results/partial/tables/main.csv").read_text()
+    assert "released" in csv_rows

@@ -91,12 +91,16 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> dict:
     for i, base in enumerate(manifest.get("base", [])):
         if not isinstance(base, dict) or "backbone" not in base or "path" not in base:
             raise ReportError(f"{source}: base[{i}] needs 'backbone' and 'path'")
+    for i, rel in enumerate(manifest.get("released", [])):
+        if not isinstance(rel, dict) or not {"method", "backbone", "path"} <= set(rel):
+            raise ReportError(f"{source}: released[{i}] needs 'method', 'backbone' and 'path'")
     for i, pair in enumerate(manifest.get("paired", [])):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise ReportError(f"{source}: paired[{i}] must be a two-element list [A, B]")
     out = dict(manifest)
     out.setdefault("runs", [])
     out.setdefault("base", [])
+    out.setdefault("released", [])
     out.setdefault("paired", [])
     out.setdefault("ablation_reference", "clusterns")
     labels = dict(out.get("labels") or {})
@@ -133,6 +137,11 @@ def list_runs(manifest: dict, root: str | Path = ".") -> pd.DataFrame:
         path = root / base["path"]
         rows.append({"method": BASE, "backbone": str(base["backbone"]), "seed": None, "group": "base",
                      "sweep_param": None, "sweep_value": None, "dir": str(path.parent), "scores_path": str(path)})
+    for rel in manifest.get("released", []):  # published checkpoints scored by our evaluator
+        path = root / rel["path"]
+        rows.append({"method": str(rel["method"]), "backbone": str(rel["backbone"]), "seed": None,
+                     "group": "released", "sweep_param": None, "sweep_value": None, "dir": str(path.parent),
+                     "scores_path": str(path)})
     columns = ["method", "backbone", "seed", "group", "sweep_param", "sweep_value", "dir", "scores_path"]
     frame = pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object) for c in columns}, columns=columns)
     frame = frame.drop_duplicates(subset=["method", "backbone", "group", "dir"], keep="first").reset_index(drop=True)
@@ -344,10 +353,12 @@ def _row_record(res: Results, method: str, backbone: str, groups: Sequence[str])
     """One table row as a flat dict (numbers plus the formatted ``mean ± std`` cells)."""
     info = summarize_row(res.runs, res.scores, method, backbone, groups)
     pub, source = published_for(res.paper, method, backbone)
-    is_base = method == BASE
+    released = tuple(groups) == ("released",)
+    is_base = method == BASE or released  # one evaluation, no seeds
+    label = method_label(res.manifest, method) + (" (released)" if released else "")
     rec: dict[str, Any] = {
-        "row_type": "base" if is_base else "run", "method": method, "backbone": backbone,
-        "method_label": method_label(res.manifest, method), "backbone_label": backbone_label(res.manifest, backbone),
+        "row_type": "released" if released else ("base" if method == BASE else "run"), "method": method,
+        "backbone": backbone, "method_label": label, "backbone_label": backbone_label(res.manifest, backbone),
         "n": len(info["found"]), "expected": len(info["expected"]),
         "seeds": f"{len(info['found'])}/{len(info['expected'])}",
         "found_seeds": "" if is_base else _fmt_seeds(info["found"]),
@@ -376,12 +387,15 @@ def format_cell(s: Summary, digits: int = 2, single_is_exact: bool = False) -> s
 
 
 def main_table(res: Results) -> pd.DataFrame:
-    """Rows per backbone: the base row first, then every method of group 'main' in manifest order."""
+    """Rows per backbone: the base row, released checkpoints, then every method of group 'main'."""
     runs = res.runs
     records = []
     for backbone in backbone_order(runs):
         if ((runs["group"] == "base") & (runs["backbone"] == backbone)).any():
             records.append(_row_record(res, BASE, backbone, ("base",)))
+        released = runs[(runs["group"] == "released") & (runs["backbone"] == backbone)]
+        for method in _ordered_unique(released["method"]):
+            records.append(_row_record(res, method, backbone, ("released",)))
         main = runs[(runs["group"] == "main") & (runs["backbone"] == backbone)]
         for method in _ordered_unique(main["method"]):
             records.append(_row_record(res, method, backbone, ("main",)))
@@ -526,8 +540,8 @@ def _summary_rows(table: pd.DataFrame, reference: bool, tex: bool) -> tuple[list
             notes.append(f"{r['method_label']} / {r['backbone_label']}: missing seed(s) {r['missing_seeds']}"
                          + (" (no finished runs yet)" if r["n"] == 0 else ""))
             seeds += "*"
-        elif r["row_type"] == "base" and r["n"] == 0:
-            notes.append(f"{BASE_LABEL} / {r['backbone_label']}: not evaluated yet")
+        elif r["row_type"] in ("base", "released") and r["n"] == 0:
+            notes.append(f"{r['method_label']} / {r['backbone_label']}: not evaluated yet")
             seeds += "*"
         cells.append(seeds)
         rows.append(cells)

@@ -352,6 +352,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     if getattr(backbone, "pooler", None) is not None:
         backbone.pooler.requires_grad_(False)  # never used in training (SimCSE drops it); DDP needs no grad
     model = SentenceEncoder(backbone, pooler=hp.get("pooler", "cls"), eval_pooler=hp.get("eval_pooler"))
+    model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tr["lr"]),
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda or None)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)

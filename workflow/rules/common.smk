@@ -51,6 +51,15 @@ def backbone_dir(name):
     return str(local) if local is not None else f"resources/models/{name}"
 
 
+RELEASED = config.get("released") or {}
+
+
+def released_dir(name):
+    """A released checkpoint: a local folder is used as is; a hub id is fetched to resources/released/."""
+    local = resolve_local_backbone(RELEASED[name]["model"])
+    return str(local) if local is not None else f"resources/released/{name}"
+
+
 def eval_pooler(name):
     b = backbone_cfg(name)
     pooler = b.get("pooler", "cls")
@@ -76,6 +85,8 @@ def manifest():
                   **({"sweep": r.sweep} if r.sweep else {})} for r in RUNS],
         "base": [{"backbone": b, "path": f"results/base/{b}/sts_test.json"} for b in BACKBONES]
         if evaluation("base", True) else [],
+        "released": [{"method": v["method"], "backbone": v["backbone"], "path": f"results/released/{k}/sts_test.json"}
+                     for k, v in RELEASED.items()],
         "paired": config.get("report", {}).get("paired", []),
         "ablation_reference": config.get("report", {}).get("ablation_reference", "clusterns"),
         "labels": {"methods": {m: v.get("label", m) for m, v in config["methods"].items()},
@@ -101,5 +112,6 @@ def final_targets():
     targets = [f"{r.dir}/sts_test.json" for r in RUNS]
     if evaluation("base", True):
         targets += [f"results/base/{b}/sts_test.json" for b in BACKBONES]
+    targets += [f"results/released/{name}/sts_test.json" for name in RELEASED]
     targets += report_targets()
     return targets

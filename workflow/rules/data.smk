@@ -48,3 +48,15 @@ rule fetch_backbone:
         "results/logs/data/fetch_backbone_{backbone}.log",
     shell:
         "python -m clusterns.data backbone --model {params.model} {params.revision} --output {output} > {log} 2>&1"
+
+
+rule fetch_released:
+    output:
+        directory("resources/released/{name}"),
+    params:
+        model=lambda w: RELEASED[w.name]["model"],
+        revision=lambda w: f"--revision {RELEASED[w.name]['revision']}" if RELEASED[w.name].get("revision") else "",
+    log:
+        "results/logs/data/fetch_released_{name}.log",
+    shell:
+        "python -m clusterns.data backbone --model {params.model} {params.revision} --output {output} > {log} 2>&1"

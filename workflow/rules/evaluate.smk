@@ -39,3 +39,23 @@ rule evaluate:
         "OMP_NUM_THREADS={threads} python -m clusterns.sts --model {input.model} --pooler {params.pooler} "
         "--senteval {input.senteval} --mode test --batch-size {params.batch} --dtype {params.dtype} "
         "--output {output} > {log} 2>&1"
+
+
+rule evaluate_released:
+    input:
+        model=lambda w: released_dir(w.name),
+        senteval="resources/senteval",
+        code=src("sts", "encoder"),
+    output:
+        report("results/released/{name}/sts_test.json", category="Evaluation", subcategory="released"),
+    params:
+        pooler=lambda w: RELEASED[w.name]["pooler"],
+        batch=evaluation("batch_size", 128),
+        dtype=evaluation("dtype", "fp32"),
+    threads: 2
+    log:
+        "results/logs/evaluate/released_{name}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m clusterns.sts --model {input.model} --pooler {params.pooler} "
+        "--senteval {input.senteval} --mode test --batch-size {params.batch} --dtype {params.dtype} "
+        "--output {output} > {log} 2>&1"

@@ -18,6 +18,7 @@ rule tables:
         paper=PAPER_RESULTS,
         runs=[f"{r.dir}/sts_test.json" for r in RUNS],
         base=[f"results/base/{b}/sts_test.json" for b in BACKBONES] if evaluation("base", True) else [],
+        released=[f"results/released/{name}/sts_test.json" for name in RELEASED],
         code=src("report"),
     output:
         [
