@@ -57,6 +57,33 @@ def make_tiny_roberta(path: Path, layers: int = 2, hidden: int = 32, seed: int =
     return path
 
 
+def make_bpe_roberta(path: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A tiny random RoBERTa whose byte-level BPE has merges for the template words."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges: list[tuple[str, str]] = []
+    for word in ["This", "The", "Ġsentence", "Ġ:", "Ġ'", "Ġmeans", "Ġa", "Ġman", "Ġis", "Ġplaying", "Ġdog"]:
+        cur = word[0]
+        for ch in word[1:]:
+            if (cur, ch) not in merges:
+                merges.append((cur, ch))
+            cur += ch
+            if cur not in tokens:
+                tokens.append(cur)
+    vocab = {t: i for i, t in enumerate(tokens + ["<mask>"])}
+    RobertaTokenizerFast(vocab=vocab, merges=merges).save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=514, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    RobertaModel(cfg).save_pretrained(path)
+    return path
+
+
 @pytest.fixture()
 def single_thread():
     """Tiny tensors: intra-op threading only adds overhead (large on a busy 2-CPU box)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_bpe_roberta
 import torch
 from torch import nn
 
@@ -22,38 +23,12 @@ from clusterns.prompt import (PROMPT_CONFIG_FILE, TEMPLATES, PromptEncoder, Temp
                               prompt_embedder, save_prompt_config, sentence_only_ids, sentence_position_ids,
                               template_deltas, template_pair)
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SENTENCES = ["a man is playing", "the dog runs", "two people on a guitar", "this is a cat",
              "a woman with a dog", "the man is playing guitar"]
 BERT_TAU = (101, 2023, 6251, 1997, 1000, 1000, 2965, 103, 1012, 102)
 SHORT_BERT_TEMPLATE = '*cls*_This_sentence_"*sent_0*"_means*mask*.*sep+*'  # 3 prefix tokens, not 4
-
-
-def make_bpe_roberta(path: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A tiny random RoBERTa whose byte-level BPE has merges for the template words."""
-    from tokenizers import pre_tokenizers
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
-
-    path.mkdir(parents=True, exist_ok=True)
-    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges: list[tuple[str, str]] = []
-    for word in ["This", "The", "Ġsentence", "Ġ:", "Ġ'", "Ġmeans", "Ġa", "Ġman", "Ġis", "Ġplaying", "Ġdog"]:
-        cur = word[0]
-        for ch in word[1:]:
-            if (cur, ch) not in merges:
-                merges.append((cur, ch))
-            cur += ch
-            if cur not in tokens:
-                tokens.append(cur)
-    vocab = {t: i for i, t in enumerate(tokens + ["<mask>"])}
-    RobertaTokenizerFast(vocab=vocab, merges=merges).save_pretrained(path)
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=2 * hidden, max_position_embeddings=514, pad_token_id=1,
-                        bos_token_id=0, eos_token_id=2, type_vocab_size=1)
-    RobertaModel(cfg).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -218,3 +218,45 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tokenized):
     assert "non-finite loss at step 1" in res.stderr
     assert not (tokenized / "nan/run").exists()
     assert not (tokenized / "nan/state/checkpoint").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt-based ClusterNS through the real stage
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_prompt_training_runs_with_clustering_and_exports_its_template(tmp_path, mirror, family):
+    from conftest import make_bpe_roberta, make_tiny_bert
+
+    from clusterns import sts
+    from clusterns.prompt import load_prompt_config
+    from clusterns.tokenize import tokenize_to_disk
+
+    make = make_tiny_bert if family == "bert" else make_bpe_roberta  # BPE merges keep both prefixes 4 tokens
+    model = make(tmp_path / "model")
+    lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:64]
+    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    stats = tokenize_to_disk(model, tmp_path / "wiki.txt", tmp_path / "tok", max_length=32, sentence_only=True)
+    assert stats["format"] == "sentence_only"
+    hp = hparams(training={"max_steps": 3, "log_steps": 1}, pooler="mask", eval_pooler="mask",
+                 prompt={"roberta_position_offset": "original"},
+                 objective={"hard_negatives": family == "bert"})
+    res = run_stage(tmp_path, "prompt", hp)
+    assert res.returncode == 0, res.stdout + res.stderr
+    log = read_log(tmp_path / "prompt/run/train_log.csv")
+    assert [r["clustering_started"] for r in log] == ["1", "1", "1"]
+    assert all(float(r["loss"]) > 0 for r in log)
+    exported = tmp_path / "prompt/run/model"
+    cfg = load_prompt_config(exported)
+    assert cfg["family"] == family and cfg["protocol"] == "raw" and cfg["dev_protocol"] == "denoised"
+    # the evaluator embeds the exported model with its template, and reports the other protocol too
+    fixture = Path(__file__).resolve().parent / "data" / "sts_fixture"
+    counts = {t: None for t in sts.TASKS["test"]}
+    out = sts.evaluate(exported, "mask", fixture, "test", expected_counts=counts)
+    assert out["meta"]["prompt"]["template"] == cfg["template"]
+    assert set(out["other_protocols"]["denoised"]) >= {"STS12", "avg"}
+
+
+def test_prompt_run_refuses_a_full_format_cache(tokenized):
+    res = run_stage(tokenized, "wrongcache", hparams(pooler="mask", eval_pooler="mask", prompt={}))
+    assert res.returncode != 0 and "--sentence-only" in res.stderr

@@ -110,6 +110,15 @@ def test_paper_grid_hyperparameters_match_design():
     simcse = {bb: (runs[("simcse", bb)].training["batch_size"], runs[("simcse", bb)].training["lr"]) for bb in expect}
     assert simcse == {"bert-base": (64, 3e-5), "bert-large": (64, 1e-5), "roberta-base": (512, 1e-5),
                       "roberta-large": (512, 3e-5)}
+    prompt = {bb: runs[("clusterns-prompt", bb)] for bb in ("bert-base", "bert-large", "roberta-base")}
+    got = {bb: (r.training["batch_size"], r.training["lr"], r.objective["kmeans"], r.objective["kmeans_lr"],
+                r.objective["kmean_cosine"], r.objective["hard_negatives"], r.objective["bml_weight"],
+                r.objective["bml_alpha"], r.objective["bml_beta"]) for bb, r in prompt.items()}
+    assert got == {"bert-base": (512, 5e-5, 96, 5e-4, 0.4, True, 1e-2, 0.0, 0.2),
+                   "bert-large": (256, 3e-5, 96, 1e-4, 0.2, True, 5e-4, 0.25, 0.3),
+                   "roberta-base": (512, 5e-5, 128, 1e-3, 0.4, False, 1e-2, 0.2, 0.6)}
+    assert prompt["bert-large"].training["gpus"] == 4 and prompt["roberta-base"].training["gpus"] == 2
+    assert all(r.hparams({})["pooler"] == "mask" for r in prompt.values())
     assert runs[("clusterns-no-hn", "bert-base")].objective["hard_negatives"] is False
     assert runs[("clusterns-no-bml", "bert-base")].objective.get("bml_weight", 0.0) == 0.0
 
@@ -156,12 +165,13 @@ def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     counts = job_counts(res.stdout)
     n_backbones = len(c["backbones"])
-    assert counts["train"] == counts["evaluate"] == len(runs) == 10 * 5
+    assert counts["train"] == counts["evaluate"] == len(runs) == 13 * 5
     assert counts["fetch_backbone"] == counts["evaluate_base"] == n_backbones
-    assert counts["tokenize"] == n_backbones  # one cache per backbone, shared by methods and seeds
+    # one cache per backbone (shared by methods and seeds) + sentence-only caches of the 3 prompt backbones
+    assert counts["tokenize"] == n_backbones + 3
     assert counts["fetch_wiki"] == counts["fetch_senteval"] == counts["unpack_senteval"] == 1
     assert counts["tables"] == counts["plots"] == 1
-    assert counts["fetch_released"] == counts["evaluate_released"] == len(c["released"]) == 8
+    assert counts["fetch_released"] == counts["evaluate_released"] == len(c["released"]) == 11
     # GPUs per training job: read from the dry-run job listing
     gpus = {}
     for block in res.stdout.split("rule train:")[1:]:

@@ -51,6 +51,7 @@ class Run:
     training: dict = field(hash=False, compare=False)
     objective: dict = field(hash=False, compare=False)
     sweep: dict | None = field(default=None, hash=False, compare=False)
+    prompt: dict | None = field(default=None, hash=False, compare=False)
 
     @property
     def dir(self) -> str:
@@ -58,7 +59,7 @@ class Run:
 
     def hparams(self, backbone_cfg: dict) -> dict:
         """Everything the trainer needs, as one JSON-able dict (a rule ``param``)."""
-        return {
+        hp = {
             "method": self.method,
             "backbone": self.backbone,
             "seed": self.seed,
@@ -67,6 +68,9 @@ class Run:
             "training": self.training,
             "objective": self.objective,
         }
+        if self.prompt is not None:  # prompt-based method: the [MASK] state of a template is the embedding
+            hp.update(pooler="mask", eval_pooler="mask", prompt=self.prompt)
+        return hp
 
 
 def _default_eval_pooler(pooler: str) -> str:
@@ -128,8 +132,13 @@ def expand_runs(config: dict) -> list[Run]:
         if training["gpus"] > 0 and training["batch_size"] % training["gpus"]:
             raise ConfigError(f"config key {label}.training.batch_size: global batch {training['batch_size']} is not "
                               f"divisible by gpus={training['gpus']}; choose a multiple")
+        prompt = method_cfg.get("prompt")
+        if prompt is not None and prompt.get("delta_rows", 50) <= training["max_seq_length"] and prompt.get("denoise", True):
+            raise ConfigError(f"config key methods.{entry['method']}.prompt.delta_rows must exceed "
+                              f"max_seq_length ({training['max_seq_length']}): one denoising row per sentence length")
         for seed in entry.get("seeds") or seeds_default:
-            runs.append(Run(method, entry["backbone"], int(seed), group, training, objective, sweep))
+            runs.append(Run(method, entry["backbone"], int(seed), group, training, objective, sweep,
+                            None if prompt is None else dict(prompt)))
 
     for i, entry in enumerate(config.get("runs", [])):
         method = entry["method"]

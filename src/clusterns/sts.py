@@ -435,13 +435,21 @@ def resolve_device(device: str | None) -> str:
 def evaluate(model_path: str | Path, pooler: str, senteval_dir: str | Path, mode: str = "test", *,
              tasks: Sequence[str] | None = None, batch_size: int = 128, device: str | None = None,
              dtype: str = "fp32", expected_counts: dict[str, int] | None = None,
-             progress: bool = False) -> dict:
-    """Load the data (count-checked), the HF model at ``model_path``, and score; adds ``meta``."""
+             progress: bool = False, prompt_protocol: str | None = None) -> dict:
+    """Load the data (count-checked), the HF model at ``model_path``, and score; adds ``meta``.
+
+    ``pooler='mask'`` embeds with a prompt template ([MASK] state): the template and protocol
+    come from the model's ``clusterns_prompt.json`` (models trained here), or, for released prompt
+    checkpoints without one, the family's default templates with the ``raw`` test protocol.
+    The other protocol's scores are added under ``other_protocols`` (selection and test
+    embeddings differ in the original protocol, so both are reported).
+    """
     from transformers import AutoTokenizer
 
     from clusterns.provenance import environment
 
-    check_pooler(pooler)
+    if pooler != "mask":
+        check_pooler(pooler)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if batch_size < 1:
@@ -452,7 +460,25 @@ def evaluate(model_path: str | Path, pooler: str, senteval_dir: str | Path, mode
     model = load_backbone(model_path).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     used_dtype = effective_dtype(device, dtype)
-    results = score_tasks(task_list, hf_embedder(model, tokenizer, pooler, batch_size, device, used_dtype, progress))
+    prompt = None
+    if pooler == "mask":
+        from clusterns import prompt as prompt_mod
+
+        prompt = prompt_mod.load_prompt_config(model_path) or prompt_mod.prompt_config(
+            prompt_mod.detect_family(model_path), prompt_mod.TEMPLATES[prompt_mod.detect_family(model_path)])
+        protocol = prompt_protocol or prompt["protocol"]
+
+        def embedder(proto: str):
+            return prompt_mod.embedder_from_config(model, tokenizer, prompt, protocol=proto, batch_size=batch_size,
+                                                   device=device, dtype=used_dtype, progress=progress)
+
+        results = score_tasks(task_list, embedder(protocol))
+        other = "denoised" if protocol != "denoised" else "raw"
+        alt = score_tasks(task_list, embedder(other))
+        results["other_protocols"] = {other: {k: v for k, v in alt.items() if k not in ("details", "meta")}}
+        prompt = {**prompt, "protocol": protocol}
+    else:
+        results = score_tasks(task_list, hf_embedder(model, tokenizer, pooler, batch_size, device, used_dtype, progress))
     files = {rel: sha for t in task_list for rel, sha in t.files.items()}
     results["meta"] = {
         "model": str(model_path.resolve()),
@@ -465,6 +491,7 @@ def evaluate(model_path: str | Path, pooler: str, senteval_dir: str | Path, mode
         "batch_size": batch_size,
         "device": device,
         "dtype": used_dtype,
+        "prompt": prompt,
         "environment": environment(),
     }
     return results
@@ -503,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m clusterns.sts",
                 description="Score a HF encoder on the SentEval STS tasks (SimCSE test/dev protocol).")
     p.add_argument("--model", required=True, help="HF model folder (AutoModel/AutoTokenizer)")
-    p.add_argument("--pooler", required=True, help=f"one of {', '.join(POOLERS)}")
+    p.add_argument("--pooler", required=True, help=f"one of {', '.join(POOLERS)}, or mask (prompt models)")
+    p.add_argument("--prompt-protocol", choices=("raw", "denoised", "spliced"), default=None,
+                   help="mask pooler: test embedding (default: the model's clusterns_prompt.json, else raw)")
     p.add_argument("--senteval", required=True, help="folder where senteval.tar was extracted (holds STS/, SICK/)")
     p.add_argument("--mode", default="test", choices=MODES)
     p.add_argument("--output", required=True, help="result JSON (written atomically)")
@@ -522,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: --dtype {args.dtype} applies on CUDA only; encoding in fp32 on CPU", file=sys.stderr)
         results = evaluate(args.model, args.pooler, args.senteval, args.mode, tasks=args.tasks,
                            batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), prompt_protocol=args.prompt_protocol)
         write_json_atomic(args.output, _json_safe(results))
     except (_UsageError, STSDataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,8 +37,13 @@ def read_sentences(path: str | Path) -> tuple[list[str], dict]:
 
 
 def tokenize_to_disk(model: str | Path, input_path: str | Path, output: str | Path, max_length: int,
-                     num_proc: int = 1, batch_size: int = 1000) -> dict:
-    """Tokenize every sentence (truncated to ``max_length`` tokens, special tokens included) and save."""
+                     num_proc: int = 1, batch_size: int = 1000, sentence_only: bool = False) -> dict:
+    """Tokenize every sentence and save.
+
+    Default format ``full``: truncated to ``max_length`` tokens, special tokens included.
+    ``sentence_only`` (prompt runs): the sentence alone, no special tokens, truncated to
+    ``max_length`` sentence tokens; the template is added around it at batch time.
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer
 
@@ -49,6 +54,10 @@ def tokenize_to_disk(model: str | Path, input_path: str | Path, output: str | Pa
         raise ValueError(f"{input_path} holds no non-empty line; re-fetch the training data")
 
     def encode(batch):
+        if sentence_only:
+            from clusterns.prompt import sentence_only_ids
+
+            return {"input_ids": sentence_only_ids(tokenizer, batch["text"], max_length)}
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length, add_special_tokens=True)
         return {"input_ids": enc["input_ids"]}
 
@@ -62,6 +71,7 @@ def tokenize_to_disk(model: str | Path, input_path: str | Path, output: str | Pa
         "truncated": sum(1 for n in lengths if n >= max_length),
         "mean_tokens": sum(lengths) / len(lengths),
         "max_length": max_length,
+        "format": "sentence_only" if sentence_only else "full",
         "tokenizer": str(model),
         "tokenizer_class": type(tokenizer).__name__,
         "source": str(input_path),
@@ -94,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="dataset folder to create")
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--sentence-only", action="store_true",
+                   help="prompt runs: sentence tokens only (no special tokens); the template is added per batch")
     args = p.parse_args(argv)
     try:
-        stats = tokenize_to_disk(args.model, args.input, args.output, args.max_length, args.num_proc)
+        stats = tokenize_to_disk(args.model, args.input, args.output, args.max_length, args.num_proc,
+                                 sentence_only=args.sentence_only)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -242,7 +242,8 @@ def _truncate_rows(path: Path, fields: list[str], last_step: int) -> None:
 _ST_POOLING = {"cls_before_pooler": "pooling_mode_cls_token", "avg": "pooling_mode_mean_tokens"}
 
 
-def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, max_seq_length: int) -> None:
+def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, max_seq_length: int,
+                 prompt_config: dict | None = None) -> None:
     """Save the encoder (no training MLP) in HF format plus sentence-transformers module files.
 
     ``SentenceTransformer(out_dir)`` then embeds with the evaluation pooler (CLS token for
@@ -253,6 +254,10 @@ def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, max_seq_l
     backbone.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     write_json_atomic(out_dir / "clusterns_pooler.json", {"eval_pooler": eval_pooler})
+    if prompt_config is not None:  # what clusterns.sts --pooler mask needs to embed with the template
+        from clusterns.prompt import save_prompt_config
+
+        save_prompt_config(out_dir, prompt_config)
     mode = _ST_POOLING.get(eval_pooler)
     if mode is None:
         return
@@ -351,7 +356,24 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     backbone = load_backbone(model_dir, dropout=tr.get("dropout"))
     if getattr(backbone, "pooler", None) is not None:
         backbone.pooler.requires_grad_(False)  # never used in training (SimCSE drops it); DDP needs no grad
-    model = SentenceEncoder(backbone, pooler=hp.get("pooler", "cls"), eval_pooler=hp.get("eval_pooler"))
+    prompt_cfg = hp.get("prompt") if hp.get("pooler") == "mask" else None
+    expected_format = "sentence_only" if prompt_cfg is not None else "full"
+    if data_stats.get("format", "full") != expected_format:
+        raise TrainingError(f"the tokenized cache {data_dir} has format {data_stats.get('format', 'full')!r} but this "
+                            f"run needs {expected_format!r} (prompt runs use python -m clusterns.tokenize --sentence-only)")
+    if prompt_cfg is not None:
+        from clusterns.prompt import PromptEncoder, make_prompt_collate, template_pair
+
+        t1, t2 = template_pair(tokenizer, templates=prompt_cfg.get("templates"))
+        model = PromptEncoder(backbone, t1, t2, denoise=prompt_cfg.get("denoise", True),
+                              delta_rows=int(prompt_cfg.get("delta_rows", 50)),
+                              eval_delta_rows=int(prompt_cfg.get("eval_delta_rows", 128)),
+                              roberta_position_offset=prompt_cfg.get("roberta_position_offset", "original"),
+                              max_len=int(tr["max_seq_length"]))
+        collate = make_prompt_collate(t1, t2, max_len=int(tr["max_seq_length"]))
+    else:
+        model = SentenceEncoder(backbone, pooler=hp.get("pooler", "cls"), eval_pooler=hp.get("eval_pooler"))
+        collate = make_collate(tokenizer.pad_token_id)
     model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tr["lr"]),
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda or None)
@@ -397,9 +419,14 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
 
     sampler = GlobalBatchSampler(len(ds), global_batch, rank, world, seed, loop.step, steps)
     loader = torch.utils.data.DataLoader(
-        TokenizedSentences(ds), batch_sampler=sampler, collate_fn=make_collate(tokenizer.pad_token_id),
+        TokenizedSentences(ds), batch_sampler=sampler, collate_fn=collate,
         num_workers=int(tr.get("num_workers", 0)), pin_memory=cuda, generator=torch.Generator(),
         persistent_workers=False)
+
+    def export_prompt() -> dict | None:
+        if prompt_cfg is None:
+            return None
+        return accelerator.unwrap_model(model).config_dict(test_protocol=prompt_cfg.get("test_protocol", "raw"))
 
     def evaluate(step: int) -> None:
         t0 = time.perf_counter()
@@ -408,7 +435,10 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
             from clusterns.sts import hf_embedder, score_tasks
 
             enc = accelerator.unwrap_model(model)
-            embed = hf_embedder(enc.backbone, tokenizer, enc.eval_pooler, batch_size=int(tr.get("eval_batch_size", 128)))
+            if prompt_cfg is not None:  # dev selection on the denoised [MASK] state (the original protocol)
+                embed = enc.embedder(tokenizer, batch_size=int(tr.get("eval_batch_size", 128)))
+            else:
+                embed = hf_embedder(enc.backbone, tokenizer, enc.eval_pooler, batch_size=int(tr.get("eval_batch_size", 128)))
             res = score_tasks(dev_tasks, embed)
             metrics = (res["STSBenchmark"], res.get("SICKRelatedness", math.nan))
         metrics = _broadcast(accelerator, metrics)
@@ -419,7 +449,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
             if is_best:
                 enc = accelerator.unwrap_model(model)
                 with atomic_path(state_dir / "best") as tmp:
-                    export_model(enc.backbone, tokenizer, tmp, enc.eval_pooler, int(tr["max_seq_length"]))
+                    export_model(enc.backbone, tokenizer, tmp, enc.eval_pooler, int(tr["max_seq_length"]), export_prompt())
             _append_rows(eval_log, EVAL_LOG_FIELDS, [{"step": step, "stsb_dev": f"{metrics[0]:.4f}",
                                                       "sickr_dev": f"{metrics[1]:.4f}", "is_best": int(is_best),
                                                       "seconds": f"{time.perf_counter() - t0:.2f}"}])
@@ -517,7 +547,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         enc = accelerator.unwrap_model(model)
         if not best.is_dir():  # no evaluation data: the final model is the result
             with atomic_path(best) as tmp:
-                export_model(enc.backbone, tokenizer, tmp, enc.eval_pooler, int(tr["max_seq_length"]))
+                export_model(enc.backbone, tokenizer, tmp, enc.eval_pooler, int(tr["max_seq_length"]), export_prompt())
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(run_dir / "model") as tmp:
             shutil.copytree(best, tmp)
@@ -545,7 +575,13 @@ def _scalar(x, device) -> torch.Tensor:
 
 
 def _two_views(model, batch):
-    """Two dropout views in one forward of 2B rows, called through the (DDP) wrapper's forward."""
+    """Two dropout views in one forward of 2B rows, called through the (DDP) wrapper's forward.
+
+    Prompt batches arrive already as 2B rows (template 1 rows, then template 2 rows).
+    """
+    if "lengths" in batch:
+        z = model(**batch)
+        return z[: z.shape[0] // 2], z[z.shape[0] // 2:]
     b = batch["input_ids"].shape[0]
     z = model(torch.cat([batch["input_ids"]] * 2), torch.cat([batch["attention_mask"]] * 2))
     return z[:b], z[b:]

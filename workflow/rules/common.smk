@@ -27,6 +27,7 @@ wildcard_constraints:
     method=r"[a-z0-9][a-z0-9_.\-]*",
     seed=r"\d+",
     maxlen=r"\d+",
+    fmt=r"[LS]",
 
 
 def src(*modules):
@@ -67,7 +68,13 @@ def eval_pooler(name):
 
 
 def tokenized_dir(run):
-    return f"resources/tokenized/{run.backbone}/L{run.training['max_seq_length']}"
+    """L<len>: full sequences with special tokens; S<len>: sentence tokens only (prompt runs)."""
+    fmt = "S" if run.prompt is not None else "L"
+    return f"resources/tokenized/{run.backbone}/{fmt}{run.training['max_seq_length']}"
+
+
+def run_eval_pooler(w):
+    return run_of(w).hparams(backbone_cfg(w.backbone))["eval_pooler"]
 
 
 def evaluation(key, default):

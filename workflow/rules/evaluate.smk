@@ -5,7 +5,7 @@ rule evaluate_base:
     input:
         model=lambda w: backbone_dir(w.backbone),
         senteval="resources/senteval",
-        code=src("sts", "encoder"),
+        code=src("sts", "encoder", "prompt"),
     output:
         report("results/base/{backbone}/sts_test.json", category="Evaluation", subcategory="base"),
     params:
@@ -25,11 +25,11 @@ rule evaluate:
     input:
         model="results/runs/{method}/{backbone}/seed{seed}/model",
         senteval="resources/senteval",
-        code=src("sts", "encoder"),
+        code=src("sts", "encoder", "prompt"),
     output:
         "results/runs/{method}/{backbone}/seed{seed}/sts_test.json",
     params:
-        pooler=lambda w: eval_pooler(w.backbone),
+        pooler=run_eval_pooler,
         batch=evaluation("batch_size", 128),
         dtype=evaluation("dtype", "fp32"),
     threads: 2
@@ -45,7 +45,7 @@ rule evaluate_released:
     input:
         model=lambda w: released_dir(w.name),
         senteval="resources/senteval",
-        code=src("sts", "encoder"),
+        code=src("sts", "encoder", "prompt"),
     output:
         report("results/released/{name}/sts_test.json", category="Evaluation", subcategory="released"),
     params:

@@ -7,10 +7,12 @@ rule tokenize:
         model=lambda w: backbone_dir(w.backbone),
         code=src("tokenize"),
     output:
-        directory("resources/tokenized/{backbone}/L{maxlen}"),
+        directory("resources/tokenized/{backbone}/{fmt}{maxlen}"),
+    params:
+        sentence_only=lambda w: "--sentence-only" if w.fmt == "S" else "",
     threads: 2
     log:
-        "results/logs/tokenize/{backbone}_L{maxlen}.log",
+        "results/logs/tokenize/{backbone}_{fmt}{maxlen}.log",
     shell:
         "python -m clusterns.tokenize --model {input.model} --input {input.text} --max-length {wildcards.maxlen} "
-        "--output {output} --num-proc {threads} > {log} 2>&1"
+        "--output {output} --num-proc {threads} {params.sentence_only} > {log} 2>&1"

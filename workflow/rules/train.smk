@@ -8,7 +8,7 @@ rule train:
         data=lambda w: tokenized_dir(run_of(w)),
         model=lambda w: backbone_dir(w.backbone),
         senteval="resources/senteval",
-        code=src("train", "launch", "encoder", "clustering", "losses", "objective", "sts", "tokenize"),
+        code=src("train", "launch", "encoder", "clustering", "losses", "objective", "sts", "tokenize", "prompt"),
     output:
         model=directory("results/runs/{method}/{backbone}/seed{seed}/model"),
         train_log=report("results/runs/{method}/{backbone}/seed{seed}/train_log.csv", category="Training logs"),
