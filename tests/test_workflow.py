@@ -192,7 +192,7 @@ def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
 def test_demo_pipeline_end_to_end(tmp_path, mirror):
     env = {"CLUSTERNS_MIRROR": str(mirror)}
     demo = ROOT / "config" / "demo.yaml"
-    res = snakemake(tmp_path, "--cores", "2", configfile=demo, env=env, timeout=2400)
+    res = snakemake(tmp_path, "--cores", "2", configfile=demo, env=env, timeout=3600)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
     main_md = (tmp_path / "results/tables/main.md").read_text()
     for row in ("base", "SimCSE", "ClusterNS"):

@@ -1,6 +1,10 @@
 # Tables (mean ± std over seeds beside the published numbers), paired comparison, plots.
 # `snakemake partial_report` builds the same tables and plots from whatever runs exist now.
 
+localrules:
+    report_manifest,
+
+
 rule report_manifest:
     output:
         "results/report/manifest.json",
