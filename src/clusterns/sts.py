@@ -432,17 +432,35 @@ def resolve_device(device: str | None) -> str:
 # End to end
 
 
+def model_embedder(model, tokenizer, model_path: str | Path, pooler: str, *, batch_size: int = 128, device=None,
+                   dtype: str = "fp32", progress: bool = False, prompt_protocol: str | None = None):
+    """The embedding function of a loaded model for ``pooler``; returns ``(embed, prompt_config)``.
+
+    ``pooler='mask'`` embeds with a prompt template: from the model's ``clusterns_prompt.json``
+    (models trained here) or, for released prompt checkpoints without one, the family's default
+    pair with the ``raw`` test protocol; ``prompt_protocol`` overrides the stored protocol.
+    Shared by the STS and the transfer evaluators.
+    """
+    if pooler != "mask":
+        return hf_embedder(model, tokenizer, pooler, batch_size, device, dtype, progress), None
+    from clusterns import prompt as prompt_mod
+
+    family = prompt_mod.detect_family(model_path)
+    config = prompt_mod.load_prompt_config(model_path) or prompt_mod.prompt_config(family, prompt_mod.TEMPLATES[family])
+    config = {**config, "protocol": prompt_protocol or config["protocol"]}
+    embed = prompt_mod.embedder_from_config(model, tokenizer, config, batch_size=batch_size, device=device,
+                                            dtype=dtype, progress=progress)
+    return embed, config
+
+
 def evaluate(model_path: str | Path, pooler: str, senteval_dir: str | Path, mode: str = "test", *,
              tasks: Sequence[str] | None = None, batch_size: int = 128, device: str | None = None,
              dtype: str = "fp32", expected_counts: dict[str, int] | None = None,
              progress: bool = False, prompt_protocol: str | None = None) -> dict:
     """Load the data (count-checked), the HF model at ``model_path``, and score; adds ``meta``.
 
-    ``pooler='mask'`` embeds with a prompt template ([MASK] state): the template and protocol
-    come from the model's ``clusterns_prompt.json`` (models trained here), or, for released prompt
-    checkpoints without one, the family's default templates with the ``raw`` test protocol.
-    The other protocol's scores are added under ``other_protocols`` (selection and test
-    embeddings differ in the original protocol, so both are reported).
+    For prompt models (``pooler='mask'``, see :func:`model_embedder`) the other protocol's scores
+    are added under ``other_protocols``.
     """
     from transformers import AutoTokenizer
 
@@ -460,25 +478,15 @@ def evaluate(model_path: str | Path, pooler: str, senteval_dir: str | Path, mode
     model = load_backbone(model_path).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     used_dtype = effective_dtype(device, dtype)
-    prompt = None
-    if pooler == "mask":
-        from clusterns import prompt as prompt_mod
-
-        prompt = prompt_mod.load_prompt_config(model_path) or prompt_mod.prompt_config(
-            prompt_mod.detect_family(model_path), prompt_mod.TEMPLATES[prompt_mod.detect_family(model_path)])
-        protocol = prompt_protocol or prompt["protocol"]
-
-        def embedder(proto: str):
-            return prompt_mod.embedder_from_config(model, tokenizer, prompt, protocol=proto, batch_size=batch_size,
-                                                   device=device, dtype=used_dtype, progress=progress)
-
-        results = score_tasks(task_list, embedder(protocol))
-        other = "denoised" if protocol != "denoised" else "raw"
-        alt = score_tasks(task_list, embedder(other))
+    embed, prompt = model_embedder(model, tokenizer, model_path, pooler, batch_size=batch_size, device=device,
+                                   dtype=used_dtype, progress=progress, prompt_protocol=prompt_protocol)
+    results = score_tasks(task_list, embed)
+    if prompt is not None:  # the original protocol selects and tests on different embeddings: report both
+        other = "denoised" if prompt["protocol"] != "denoised" else "raw"
+        alt_embed, _ = model_embedder(model, tokenizer, model_path, pooler, batch_size=batch_size, device=device,
+                                      dtype=used_dtype, progress=progress, prompt_protocol=other)
+        alt = score_tasks(task_list, alt_embed)
         results["other_protocols"] = {other: {k: v for k, v in alt.items() if k not in ("details", "meta")}}
-        prompt = {**prompt, "protocol": protocol}
-    else:
-        results = score_tasks(task_list, hf_embedder(model, tokenizer, pooler, batch_size, device, used_dtype, progress))
     files = {rel: sha for t in task_list for rel, sha in t.files.items()}
     results["meta"] = {
         "model": str(model_path.resolve()),
