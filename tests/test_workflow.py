@@ -172,6 +172,7 @@ def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
     assert counts["fetch_wiki"] == counts["fetch_senteval"] == counts["unpack_senteval"] == 1
     assert counts["tables"] == counts["plots"] == 1
     assert counts["fetch_released"] == counts["evaluate_released"] == len(c["released"]) == 11
+    assert counts["transfer"] == len(runs) and counts["transfer_table"] == 1
     # GPUs per training job: read from the dry-run job listing
     gpus = {}
     for block in res.stdout.split("rule train:")[1:]:

@@ -121,4 +121,6 @@ def final_targets():
         targets += [f"results/base/{b}/sts_test.json" for b in BACKBONES]
     targets += [f"results/released/{name}/sts_test.json" for name in RELEASED]
     targets += report_targets()
+    if config.get("transfer", {}).get("enabled", False):
+        targets += ["results/tables/transfer.md", "results/tables/transfer.csv"]
     return targets
