@@ -155,7 +155,7 @@ def test_demo_dag_dry_run(tmp_path, mirror):
     assert counts == Counter({"fetch_wiki": 1, "fetch_senteval": 1, "unpack_senteval": 1, "tokenize": 1,
                               "evaluate_base": 1, "train": 2, "evaluate": 2, "report_manifest": 1, "tables": 1,
                               "plots": 1, "default": 1})
-    assert f"--mirror" not in res.stdout  # the environment variable is read by the stage itself
+    assert "--mirror" not in res.stdout  # the environment variable is read by the stage itself
 
 
 def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
