@@ -106,7 +106,7 @@ def _merge(*dicts: dict | None) -> dict:
 
 def expand_runs(config: dict) -> list[Run]:
     """The grid: every ``runs`` entry × its seeds, plus the sweeps; checked for consistency."""
-    from clusterns.objective import ObjectiveConfig, ObjectiveConfigError
+    from clusterns.objective_config import ObjectiveConfig, ObjectiveConfigError
 
     methods = config.get("methods", {})
     backbones = config.get("backbones", {})
