@@ -376,7 +376,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         collate = make_collate(tokenizer.pad_token_id)
     model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tr["lr"]),
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=cuda or None)
+                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)  # fused kernel on CPU and GPU
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)
     # The scheduler is not prepared: accelerate would step it once per process (it assumes a
     # sharded epoch); here one optimizer step is one global batch. It is checkpointed as a custom object.
