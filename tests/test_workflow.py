@@ -4,6 +4,7 @@ grid, and (slow) the demo pipeline end to end with the HTML report."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ def write_config(tmp_path: Path, data: dict) -> Path:
     (lambda c: c["backbones"]["minilm"].update(pooler="max"), "backbones.minilm.pooler"),
     (lambda c: c["data"]["wiki"].update(sha256="xyz"), "data.wiki.sha256"),
     (lambda c: c.update(released={"x": {"model": "m", "method": "simcse", "backbone": "minilm"}}), "released.x"),
+    (lambda c: c.update(transfer={"enabled": True, "max_examples": 0}), "transfer.max_examples"),
 ])
 def test_schema_rejects_with_the_key_named(mutate, key):
     c = load("demo.yaml")
@@ -232,3 +234,74 @@ def test_released_checkpoint_rows(tmp_path, mirror, tiny_bert):
     assert "SimCSE (released)" in table
     csv_rows = (tmp_path / "results/partial/tables/main.csv").read_text()
     assert "released" in csv_rows
+
+
+@pytest.mark.slow
+def test_prompt_run_and_transfer_tasks_end_to_end(tmp_path, mirror, tiny_bert):
+    """A prompt-based run and a plain run on a tiny random BERT, trained for real, then scored on STS
+    and on the seven transfer tasks (subsampled) through the transfer and transfer_table rules."""
+    from clusterns.prompt import PROMPT_CONFIG_FILE, TEMPLATES, load_prompt_config
+    from clusterns.sts import TASKS as STS_TASKS
+    from clusterns.transfer import TASKS as TRANSFER_TASKS
+
+    c = load("demo.yaml")
+    c["data"]["wiki"]["head"] = 200
+    c["backbones"] = {"tiny": {"model": str(tiny_bert), "family": "bert", "label": "tiny BERT"}}
+    c["training"] = {"batch_size": 8, "max_steps": 3, "lr": 3e-5, "eval_steps": 1000, "save_steps": 1000,
+                     "log_steps": 1, "gpus": 1, "num_workers": 0}
+    for method in ("clusterns", "clusterns-prompt"):  # clustering from step 1
+        c["methods"][method]["objective"].update(kmeans=4, kmean_cosine=1.0)
+    c["runs"] = [{"method": "clusterns-prompt", "backbone": "tiny"}, {"method": "clusterns", "backbone": "tiny"}]
+    c["seeds"] = [7]
+    c["transfer"] = {"enabled": True, "mode": "fast", "max_examples": 200}
+    c["evaluation"] = {"batch_size": 256, "dtype": "fp32", "base": False}
+    c["report"] = {"paired": [["clusterns-prompt", "clusterns"]], "plots": False}
+    conf = write_config(tmp_path, c)
+    env = {"CLUSTERNS_MIRROR": str(mirror)}
+    res = snakemake(tmp_path, "--cores", "2", configfile=conf, env=env, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert job_counts(res.stdout + res.stderr) == Counter({"fetch_wiki": 1, "fetch_senteval": 1, "unpack_senteval": 1,
+                                              "tokenize": 2, "train": 2, "evaluate": 2, "transfer": 2,
+                                              "transfer_table": 1, "report_manifest": 1, "tables": 1,
+                                              "default": 1})
+    runs = tmp_path / "results/runs"
+    prompt_run, plain_run = runs / "clusterns-prompt/tiny/seed7", runs / "clusterns/tiny/seed7"
+    # the prompt run trains on the sentence-only cache, with clustering, and exports its template
+    assert (tmp_path / "resources/tokenized/tiny/S32").is_dir() and (tmp_path / "resources/tokenized/tiny/L32").is_dir()
+    for run in (prompt_run, plain_run):
+        log = (run / "train_log.csv").read_text().splitlines()
+        header = log[0].split(",")
+        started = [row.split(",")[header.index("clustering_started")] for row in log[1:]]
+        assert started == ["1", "1", "1"], (run, log)
+    assert (prompt_run / "model" / PROMPT_CONFIG_FILE).is_file()
+    assert not (plain_run / "model" / PROMPT_CONFIG_FILE).exists()
+    prompt_cfg = load_prompt_config(prompt_run / "model")
+    assert prompt_cfg["template"] == TEMPLATES["bert"][0] and prompt_cfg["protocol"] == "raw"
+    # STS: the seven test tasks; the prompt run embeds with its template and reports the other protocol
+    for run in (prompt_run, plain_run):
+        sts = json.loads((run / "sts_test.json").read_text())
+        assert set(STS_TASKS["test"]) <= set(sts), run
+    sts = json.loads((prompt_run / "sts_test.json").read_text())
+    assert sts["meta"]["pooler"] == "mask" and sts["meta"]["prompt"]["template"] == prompt_cfg["template"]
+    assert set(sts["other_protocols"]["denoised"]) >= {*STS_TASKS["test"], "avg"}
+    # transfer: seven tasks per run, subsampled, accuracies in [0, 100]
+    for run, pooler in ((prompt_run, "mask"), (plain_run, "cls_before_pooler")):
+        tr = json.loads((run / "transfer.json").read_text())
+        assert tr["meta"]["pooler"] == pooler and tr["meta"]["mode"] == "fast"
+        assert tr["meta"]["subsampled"] is True and tr["meta"]["max_examples"] == 200
+        assert tr["meta"]["tasks"] == list(TRANSFER_TASKS)
+        for task in TRANSFER_TASKS:
+            assert 0.0 <= tr[task] <= 100.0, (run, task, tr[task])
+            assert max(tr["details"][task]["counts"].values()) <= 200
+    assert json.loads((prompt_run / "transfer.json").read_text())["meta"]["prompt"]["template"] == prompt_cfg["template"]
+    table = (tmp_path / "results/tables/transfer.md").read_text()
+    for label in ("ClusterNS (prompt) / tiny BERT / seed 7", "ClusterNS / tiny BERT / seed 7"):
+        assert f"| {label}‡ |" in table, table
+    assert "subsampled" in table
+    csv_rows = (tmp_path / "results/tables/transfer.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].split(",")[1:8] == list(TRANSFER_TASKS)
+    main_md = (tmp_path / "results/tables/main.md").read_text()
+    assert "ClusterNS (prompt)" in main_md and "ClusterNS" in main_md
+    # Nothing left to do: a rerun is a no-op
+    again = snakemake(tmp_path, "-n", configfile=conf, env=env)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr

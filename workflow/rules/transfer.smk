@@ -1,9 +1,16 @@
 # SentEval transfer tasks (MR, CR, SUBJ, MPQA, SST2, TREC, MRPC) of trained runs, and one table.
-# Mode: config `transfer: {mode: fast|test}` (fast = SimCSE's fasttest, 5-fold; test = 10-fold).
+# Mode: config `transfer: {mode: fast|test}` (fast = SimCSE's fasttest, 5-fold; test = 10-fold);
+# `transfer.max_examples: N` subsamples every larger split (quick checks only).
 
 
 def transfer_mode():
     return config.get("transfer", {}).get("mode", "fast")
+
+
+def transfer_max_examples():
+    """`--max-examples N` when `transfer.max_examples` is set (quick checks; rows marked subsampled)."""
+    n = config.get("transfer", {}).get("max_examples")
+    return f"--max-examples {n}" if n is not None else ""
 
 
 def transfer_label(run):
@@ -23,6 +30,7 @@ rule transfer:
     params:
         pooler=run_eval_pooler,
         mode=lambda w: transfer_mode(),
+        max_examples=lambda w: transfer_max_examples(),
         batch=evaluation("batch_size", 128),
         dtype=evaluation("dtype", "fp32"),
     threads: 2
@@ -31,7 +39,7 @@ rule transfer:
     shell:
         "OMP_NUM_THREADS={threads} python -m clusterns.transfer --model {input.model} --pooler {params.pooler} "
         "--senteval {input.senteval} --mode {params.mode} --batch-size {params.batch} --dtype {params.dtype} "
-        "--output {output} > {log} 2>&1"
+        "{params.max_examples} --output {output} > {log} 2>&1"
 
 
 rule transfer_table:
