@@ -168,6 +168,28 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tokenized):
 
 
 @pytest.mark.slow
+def test_packed_forward_trains_like_the_hf_forward(tokenized):
+    """Dropout off: the padding-free forward gives the HF forward's losses and weights; run.json says which ran."""
+    hp = {"training": {"dropout": 0.0, "max_steps": 6, "log_steps": 1}}
+    packed = run_stage(tokenized, "packed_on", hparams(**hp))
+    plain = run_stage(tokenized, "packed_off", hparams(training={**hp["training"], "packed": False}))
+    assert packed.returncode == 0, packed.stdout + packed.stderr
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    on = json.loads((tokenized / "packed_on/run/run.json").read_text())["packed"]
+    off = json.loads((tokenized / "packed_off/run/run.json").read_text())["packed"]
+    assert on.startswith("on (") and off == "off (training.packed: false)"
+    log_on, log_off = read_log(tokenized / "packed_on/run/train_log.csv"), read_log(tokenized / "packed_off/run/train_log.csv")
+    assert len(log_on) == len(log_off) == 6
+    for a, b in zip(log_on, log_off):
+        assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
+        for key in ("loss", "infonce", "bml", "avg_cos"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], key)
+    w_on, w_off = weights(tokenized / "packed_on/run/model"), weights(tokenized / "packed_off/run/model")
+    for k in w_on:
+        torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tokenized):
     hp = hparams(training={"max_steps": 40, "save_steps": 5, "log_steps": 5, "batch_size": 8})
     ref = run_stage(tokenized, "ref", hp)

@@ -87,16 +87,24 @@ class SentenceEncoder(nn.Module):
     ``eval_pooler`` (``cls_before_pooler`` for the paper's models).
     """
 
-    def __init__(self, backbone: nn.Module, pooler: str = "cls", eval_pooler: str | None = None) -> None:
+    def __init__(self, backbone: nn.Module, pooler: str = "cls", eval_pooler: str | None = None,
+                 packed: bool = False) -> None:
         super().__init__()
         check_pooler(pooler)
         self.backbone = backbone
+        # Training forward without pad positions (clusterns.packed); evaluation always uses HF's own.
+        self.packed = packed
         self.pooler = pooler
         self.eval_pooler = eval_pooler or ("cls_before_pooler" if pooler == "cls" else pooler)
         check_pooler(self.eval_pooler)
         self.mlp = MLPHead(backbone.config.hidden_size) if pooler == "cls" else None
 
     def _backbone(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, pooler: str):
+        if self.packed and self.training:
+            from clusterns.packed import packed_forward
+
+            return packed_forward(self.backbone, input_ids, attention_mask, token_type_ids,
+                                  output_hidden_states=needs_hidden_states(pooler))
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids

@@ -375,6 +375,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         model = SentenceEncoder(backbone, pooler=hp.get("pooler", "cls"), eval_pooler=hp.get("eval_pooler"))
         collate = make_collate(tokenizer.pad_token_id)
     model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU
+    packed = _enable_packed(model, bool(tr.get("packed", True)), accelerator)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tr["lr"]),
                                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)  # fused kernel on CPU and GPU
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)
@@ -535,7 +536,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         "hparams": hp, "digest": loop.digest,
         "steps": loop.step, "total_steps": steps, "stopped_early": stopped_early,
         "best_step": loop.stopper.best_step, "best_stsb_dev": loop.stopper.best if loop.stopper.best_step else None,
-        "clustering_start_step": loop.cluster_state.start_step,
+        "clustering_start_step": loop.cluster_state.start_step, "packed": packed,
         "processes": world, "per_process_batch": local_batch, "global_batch": global_batch, "mixed_precision": mp,
         "data": {"tokenized": str(data_dir), "sentences": len(ds), "source_sha256": data_stats.get("source_sha256"),
                  "tokenize_stats": data_stats},
@@ -572,6 +573,29 @@ def _scalar(x, device) -> torch.Tensor:
     if torch.is_tensor(x):
         return x.detach().float().reshape(())
     return torch.tensor(float(x), device=device)
+
+
+def _enable_packed(model, wanted: bool, accelerator) -> str:
+    """Switch the padding-free training forward on where it applies; returns what run.json records."""
+    from clusterns.encoder import SentenceEncoder
+    from clusterns.packed import check_against_hf, unsupported_reason
+
+    if not wanted:
+        return "off (training.packed: false)"
+    if not isinstance(model, SentenceEncoder):
+        return "off (prompt runs use the HF forward)"
+    reason = unsupported_reason(model.backbone)
+    if reason is None:
+        try:
+            diff = check_against_hf(model.backbone)
+        except RuntimeError as e:
+            reason = str(e)
+    if reason is not None:
+        if accelerator.is_main_process:
+            print(f"[clusterns.train] packed forward off: {reason}", flush=True)
+        return f"off ({reason})"
+    model.packed = True
+    return f"on (max relative difference to the HF forward {diff:.1e})"
 
 
 def _two_views(model, batch):
