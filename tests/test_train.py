@@ -279,6 +279,39 @@ def test_prompt_training_runs_with_clustering_and_exports_its_template(tmp_path,
     assert set(out["other_protocols"]["denoised"]) >= {"STS12", "avg"}
 
 
+@pytest.mark.slow
+def test_prompt_training_two_processes_equal_one(tmp_path, mirror):
+    """Prompt-BERT with denoising under DDP (gloo, dropout off): same losses and weights as one process."""
+    from conftest import make_tiny_bert
+
+    from clusterns.tokenize import tokenize_to_disk
+
+    make_tiny_bert(tmp_path / "model")
+    lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:96]
+    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenize_to_disk(tmp_path / "model", tmp_path / "wiki.txt", tmp_path / "tok", max_length=32, sentence_only=True)
+    hp = hparams(training={"max_steps": 4, "log_steps": 1, "dropout": 0.0}, pooler="mask", eval_pooler="mask",
+                 prompt={})
+    one = run_stage(tmp_path, "p1", hp, processes=1)
+    two = run_stage(tmp_path, "p2", hp, processes=2)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert two.returncode == 0, two.stdout + two.stderr
+    log1, log2 = read_log(tmp_path / "p1/run/train_log.csv"), read_log(tmp_path / "p2/run/train_log.csv")
+    assert len(log1) == len(log2) == 4 and all(r["clustering_started"] == "1" for r in log1)
+    for a, b in zip(log1, log2):
+        assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
+        for key in ("loss", "infonce", "bml", "avg_cos"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], key)
+    w1, w2 = weights(tmp_path / "p1/run/model"), weights(tmp_path / "p2/run/model")
+    # Denoising subtracts the template's own [MASK] state, so the last LayerNorm's bias cancels out
+    # of the embedding: its true gradient is 0 and Adam turns the float noise into +-lr steps.
+    cancelled = "encoder.layer.1.output.LayerNorm.bias"
+    assert cancelled in w1
+    for k in w1:
+        if k != cancelled:
+            torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
 def test_prompt_run_refuses_a_full_format_cache(tokenized):
     res = run_stage(tokenized, "wrongcache", hparams(pooler="mask", eval_pooler="mask", prompt={}))
     assert res.returncode != 0 and "--sentence-only" in res.stderr
