@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from clusterns.clustering import ClusterState
-    from clusterns.encoder import SentenceEncoder, load_backbone
+    from clusterns.encoder import SentenceEncoder, duplicate_views, load_backbone
     from clusterns.objective import ObjectiveConfig, compute_objective
     from clusterns.train import make_collate
 
@@ -110,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return f(lens), f(padded)
 
     def train_step(batch, step: int) -> dict:
-        ids = torch.cat([batch["input_ids"]] * 2).to(device)
-        mask = torch.cat([batch["attention_mask"]] * 2).to(device)
+        ids, mask, _, index = duplicate_views(batch["input_ids"], batch["attention_mask"], None, batch["token_index"])
+        ids, mask, index = ids.to(device), mask.to(device), index.to(device)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with autocast:
-            z = model(ids, mask)
+            z = model(ids, mask, token_index=index)
         sync()
         t1 = time.perf_counter()
         b = batch["input_ids"].shape[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clusterns.encoder import POOLERS, SentenceEncoder, load_backbone
-from clusterns.packed import check_against_hf, packed_forward, unsupported_reason
+from clusterns.encoder import POOLERS, SentenceEncoder, duplicate_views, load_backbone
+from clusterns.packed import check_against_hf, packed_forward, token_index, unsupported_reason
 from conftest import make_tiny_bert, make_tiny_roberta
 
 
@@ -128,3 +128,34 @@ def test_unsupported_layouts_are_named(backbone):
     finally:
         cfg.position_embedding_type = "absolute"
     assert "layout" in unsupported_reason(torch.nn.Linear(2, 2)) or "config" in unsupported_reason(torch.nn.Linear(2, 2))
+
+
+def test_precomputed_index_two_views_and_no_host_sync(backbone, monkeypatch):
+    """With the loader's token index the packed training forward reads nothing back from the device
+    (no GPU sync), and gives the same views as the index computed in the forward."""
+    enc = SentenceEncoder(backbone, pooler="avg", packed=True).train()
+    for m in enc.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids, mask = ragged_batch(backbone, [8, 2, 5, 8], seed=4)
+    ref1, ref2 = enc.encode_views(ids, mask)
+    index = token_index(mask)
+    _, mask2, _, index2 = duplicate_views(ids, mask, None, index)
+    assert torch.equal(index2, token_index(mask2))  # the shifted copy is the 2B batch's own index
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync (tensor value read / data-dependent shape) in the packed forward")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+    with pytest.raises(AssertionError, match="host sync"):  # without the index the forward must look
+        enc.encode_views(ids, mask)
+    z1, z2 = enc.encode_views(ids, mask, token_index=index)
+    (z1.sum() + z2.sum()).backward()
+    monkeypatch.undo()
+    for m in enc.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    torch.testing.assert_close(z1, ref1, rtol=0, atol=0)
+    torch.testing.assert_close(z2, ref2, rtol=0, atol=0)

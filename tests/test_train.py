@@ -47,6 +47,7 @@ def test_collate_pads_right_with_mask():
     out = make_collate(pad_id=0)([[5, 6, 7], [8]])
     assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert out["token_index"].tolist() == [0, 1, 2, 3]  # real tokens' flat positions, for the packed forward
 
 
 def test_total_steps_and_batch_refusals():

@@ -99,34 +99,50 @@ class SentenceEncoder(nn.Module):
         check_pooler(self.eval_pooler)
         self.mlp = MLPHead(backbone.config.hidden_size) if pooler == "cls" else None
 
-    def _backbone(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, pooler: str):
+    def _backbone(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, pooler: str,
+                  token_index: Tensor | None = None):
         if self.packed and self.training:
             from clusterns.packed import packed_forward
 
             return packed_forward(self.backbone, input_ids, attention_mask, token_type_ids,
-                                  output_hidden_states=needs_hidden_states(pooler))
+                                  output_hidden_states=needs_hidden_states(pooler), index=token_index)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         return self.backbone(**kwargs, output_hidden_states=needs_hidden_states(pooler), return_dict=True)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        """Training embedding (``self.training``) or evaluation embedding (``eval()`` mode)."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                token_index: Tensor | None = None) -> Tensor:
+        """Training embedding (``self.training``) or evaluation embedding (``eval()`` mode).
+
+        ``token_index``: flat positions of the real tokens (``clusterns.packed.token_index``), used
+        by the packed training forward when given.
+        """
         if self.training:
             if self.pooler == "cls":
-                out = self._backbone(input_ids, attention_mask, token_type_ids, "cls_before_pooler")
+                out = self._backbone(input_ids, attention_mask, token_type_ids, "cls_before_pooler", token_index)
                 return self.mlp(out.last_hidden_state[:, 0])
-            out = self._backbone(input_ids, attention_mask, token_type_ids, self.pooler)
+            out = self._backbone(input_ids, attention_mask, token_type_ids, self.pooler, token_index)
             return pool(self.pooler, out, attention_mask)
         out = self._backbone(input_ids, attention_mask, token_type_ids, self.eval_pooler)
         return pool(self.eval_pooler, out, attention_mask)
 
-    def encode_views(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None):
+    def encode_views(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                     token_index: Tensor | None = None):
         """Two dropout views of a batch in one forward pass of 2B rows; returns ``(z1, z2)``."""
         b = input_ids.shape[0]
-        dup = lambda t: None if t is None else torch.cat([t, t], dim=0)  # noqa: E731
-        z = self(dup(input_ids), dup(attention_mask), dup(token_type_ids))
+        z = self(*duplicate_views(input_ids, attention_mask, token_type_ids, token_index))
         return z[:b], z[b:]
+
+
+def duplicate_views(input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
+                    token_index: Tensor | None = None):
+    """The 2B-row inputs of two views: every row twice (rows 0..B-1, then again), the real-token
+    index shifted by B * L for the second copy."""
+    dup = lambda t: None if t is None else torch.cat([t, t], dim=0)  # noqa: E731
+    if token_index is not None:
+        token_index = torch.cat([token_index, token_index + input_ids.numel()])
+    return dup(input_ids), dup(attention_mask), dup(token_type_ids), token_index
 
 
 def load_backbone(path: str | Path, dropout: float | None = None, attn_implementation: str | None = "sdpa"):

@@ -106,11 +106,23 @@ def _attention(sa: nn.Module, h: Tensor, index: Tensor | None, batch: int, lengt
     return ctx if index is None else _Pack.apply(ctx, index)
 
 
+def token_index(attention_mask: Tensor) -> Tensor:
+    """Flat positions of the real tokens of a (B, L) mask: what ``packed_forward`` packs.
+
+    The data loader computes it on the CPU (``clusterns.train.make_collate``), so the forward does
+    not have to read the mask back from the GPU (a host sync) to learn how many tokens there are.
+    """
+    return attention_mask.reshape(-1).nonzero().squeeze(1)
+
+
 def packed_forward(backbone: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                   token_type_ids: Tensor | None = None, output_hidden_states: bool = False):
+                   token_type_ids: Tensor | None = None, output_hidden_states: bool = False,
+                   index: Tensor | None = None):
     """HF-style output (``last_hidden_state``, ``pooler_output``, ``hidden_states``) of a packed pass.
 
     Rows must be right- or left-padded with ``attention_mask`` 0 on pads and at least one real token.
+    ``index``: ``token_index(attention_mask)`` if already known (no host sync then); computed here
+    otherwise.
     """
     batch, length = input_ids.shape
     kwargs = {"input_ids": input_ids}
@@ -118,9 +130,10 @@ def packed_forward(backbone: nn.Module, input_ids: Tensor, attention_mask: Tenso
         kwargs["token_type_ids"] = token_type_ids
     emb = backbone.embeddings(**kwargs)  # (B, L, H); RoBERTa's position ids come from input_ids here
     hidden = emb.shape[-1]
-    flat_mask = attention_mask.reshape(-1).bool()
-    # No padding at all: skip the gather/scatter (index None) but keep the fused projections.
-    index = None if bool(flat_mask.all()) else flat_mask.nonzero().squeeze(1)
+    if index is None:
+        index = token_index(attention_mask)
+    if index.numel() == batch * length:  # no padding at all: skip the gather/scatter, keep the fused projections
+        index = None
     h = emb.reshape(batch * length, hidden)
     if index is not None:
         h = _Pack.apply(h, index)

@@ -100,7 +100,9 @@ class GlobalBatchSampler:
 
 
 def make_collate(pad_id: int):
-    """Right-pad a list of token id lists to the longest one (dynamic padding)."""
+    """Right-pad a list of token id lists to the longest one (dynamic padding); ``token_index``
+    lists the real tokens' flat positions (for the packed forward, computed here on the CPU)."""
+    from clusterns.packed import token_index
 
     def collate(batch: list[list[int]]) -> dict[str, torch.Tensor]:
         longest = max(len(x) for x in batch)
@@ -109,7 +111,7 @@ def make_collate(pad_id: int):
         for i, x in enumerate(batch):
             ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
             mask[i, :len(x)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "token_index": token_index(mask)}
 
     return collate
 
@@ -606,8 +608,11 @@ def _two_views(model, batch):
     if "lengths" in batch:
         z = model(**batch)
         return z[: z.shape[0] // 2], z[z.shape[0] // 2:]
+    from clusterns.encoder import duplicate_views
+
     b = batch["input_ids"].shape[0]
-    z = model(torch.cat([batch["input_ids"]] * 2), torch.cat([batch["attention_mask"]] * 2))
+    ids, mask, _, index = duplicate_views(batch["input_ids"], batch["attention_mask"], None, batch.get("token_index"))
+    z = model(ids, mask, token_index=index)
     return z[:b], z[b:]
 
 
