@@ -80,6 +80,8 @@ def unsupported_reason(backbone: nn.Module) -> str | None:
         sa = getattr(att, "self", None)
         if not all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value")):
             return f"{type(backbone).__name__} does not have the BERT attention layout (attention.self.query/key/value)"
+        if any(getattr(sa, n).bias is None for n in ("query", "key", "value")):
+            return "attention projections without bias are not supported"
         if not all(hasattr(sa, n) for n in ("num_attention_heads", "attention_head_size", "dropout")):
             return f"{type(sa).__name__} lacks num_attention_heads/attention_head_size/dropout"
         for part in (getattr(att, "output", None), getattr(layer, "intermediate", None), getattr(layer, "output", None)):
