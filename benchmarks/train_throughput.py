@@ -502,28 +502,30 @@ def summarize(res: dict, args) -> tuple[str, dict]:
                "flops_per_cpu_s": flops_cpu,
                "flops_per_s": flops, "paired_ratios": paired}
     lines = [text, ""]
+    def compare(a: str, b: str, digits: int) -> tuple[float, str, str]:
+        """a/b on the step clock, a/b per CPU-second and the per-round ratios, formatted."""
+        per_round = ", ".join(f"{x:.{digits}f}" for x in paired.get(f"{a}/{b}", []))
+        return rate[a] / rate[b], f"{cpu_rate[a] / cpu_rate[b]:.{digits}f}", per_round
+
     if "simcse" in rate and "st" in rate:
-        r1 = rate["simcse"] / rate["st"]
+        r1, cpu1, rounds1 = compare("simcse", "st", 2)
         verdict["simcse_vs_st"] = r1
         log_note = f"{log_rate['simcse'] / rate['st']:.2f}x with the train_log figure, " if log_rate else ""
         lines.append(f"SimCSE / sentence-transformers: {r1:.2f}x on the step clock ({log_note}"
-                     f"{cpu_rate['simcse'] / cpu_rate['st']:.2f}x per CPU-second; per-round "
-                     f"{', '.join(f'{x:.2f}' for x in paired.get('simcse/st', []))}) "
+                     f"{cpu1}x per CPU-second; per-round {rounds1}) "
                      f"-- target >= 1.2x: {'met' if r1 >= 1.2 else 'NOT met'}")
     if "clusterns" in rate and "simcse" in rate:
-        r2 = rate["clusterns"] / rate["simcse"]
+        r2, cpu2, rounds2 = compare("clusterns", "simcse", 3)
         verdict["clusterns_vs_simcse"] = r2
-        lines.append(f"ClusterNS / SimCSE: {r2:.3f} ({cpu_rate['clusterns'] / cpu_rate['simcse']:.3f} per CPU-second; "
-                     f"per-round {', '.join(f'{x:.3f}' for x in paired.get('clusterns/simcse', []))})"
+        lines.append(f"ClusterNS / SimCSE: {r2:.3f} ({cpu2} per CPU-second; per-round {rounds2})"
                      f" -- target within 5% (>= 0.95): {'met' if r2 >= 0.95 else 'NOT met'}")
         started = all(x == 1 for r in by["clusterns"] for x in r["clustering_started"])
         lines.append(f"ClusterNS clustering active on every measured step: {started}")
     if "simcse-unpacked" in rate and "simcse" in rate:
-        r3 = rate["simcse"] / rate["simcse-unpacked"]
+        r3, cpu3, rounds3 = compare("simcse", "simcse-unpacked", 2)
         verdict["packed_vs_unpacked"] = r3
         lines.append(f"SimCSE packed / HF forward (training.packed: false): {r3:.2f}x "
-                     f"({cpu_rate['simcse'] / cpu_rate['simcse-unpacked']:.2f}x per CPU-second; per-round "
-                     f"{', '.join(f'{x:.2f}' for x in paired.get('simcse/simcse-unpacked', []))})")
+                     f"({cpu3}x per CPU-second; per-round {rounds3})")
     if "simcse" in flops and peak == peak:
         frac = flops["simcse"] / peak
         target = 0.4 if args.device == "cuda" else 0.6

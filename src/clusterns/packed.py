@@ -176,8 +176,7 @@ def check_against_hf(backbone: nn.Module, rtol: float = CHECK_RTOL) -> float:
         pad = 0 if pad is None else int(pad)
         gen = torch.Generator().manual_seed(0)
         length = min(12, int(getattr(cfg, "max_position_embeddings", 512)) - 4)
-        ids = torch.randint(pad + 3, vocab, (3, length), generator=gen)
-        ids[ids == pad] = pad + 3
+        ids = torch.randint(pad + 3, vocab, (3, length), generator=gen)  # never the pad id
         mask = torch.ones_like(ids)
         for row, n in enumerate((length, length // 2, 2)):
             mask[row, n:] = 0
@@ -186,13 +185,11 @@ def check_against_hf(backbone: nn.Module, rtol: float = CHECK_RTOL) -> float:
         ref = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True, return_dict=True)
         got = packed_forward(backbone, ids, mask, output_hidden_states=True)
         keep = mask.bool()
-        worst = 0.0
-        for r, g in zip(ref.hidden_states, got.hidden_states):
-            r, g = r[keep].float(), g[keep].float()
-            worst = max(worst, float((r - g).abs().max() / r.abs().max().clamp_min(1e-12)))
+        pairs = [(r[keep], g[keep]) for r, g in zip(ref.hidden_states, got.hidden_states)]
         if ref.pooler_output is not None and got.pooler_output is not None:
-            r, g = ref.pooler_output.float(), got.pooler_output.float()
-            worst = max(worst, float((r - g).abs().max() / r.abs().max().clamp_min(1e-12)))
+            pairs.append((ref.pooler_output, got.pooler_output))
+        worst = max(float((r.float() - g.float()).abs().max() / r.float().abs().max().clamp_min(1e-12))
+                    for r, g in pairs)
     finally:
         backbone.train(was_training)
     if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
