@@ -171,7 +171,8 @@ def test_stats_are_device_tensors_with_consistent_values():
     assert stats["n_empty_clusters"].item() == (sizes == 0).sum().item()
     h = hard_negatives(z1, state.centroids)
     expected_hcos = torch.nn.functional.cosine_similarity(z1, h, dim=-1).mean()
-    assert stats["hard_negative_cos"].item() == pytest.approx(expected_hcos.item(), rel=1e-5)
+    # a mean of cosines (scale 1) can sit near 0: compared on that scale, not relative to itself
+    assert stats["hard_negative_cos"].item() == pytest.approx(expected_hcos.item(), abs=1e-6)
     assert state.last_stats.keys() == stats.keys()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_bpe_roberta
+from conftest import assert_close_on_scale, make_bpe_roberta
 import torch
 from torch import nn
 
@@ -253,17 +253,17 @@ def test_delta_is_subtracted_per_row_length(tiny_bert):
         d1, d2 = template_deltas(backbone, t1, 50), template_deltas(backbone, t2, 50, prefix_len_from=t1)
         assert not torch.allclose(d1[n[0]], d1[n[1]])  # different lengths, different δ rows
         expected = h - torch.stack([d1[n[0]], d1[n[1]], d2[n[2]], d2[n[3]]])
-        assert torch.allclose(z, enc.mlp(expected), atol=1e-5)
+        assert_close_on_scale(z, enc.mlp(expected))
         # Eval: template 1 rows, δ_1(n), no MLP; equals the token-level "denoised" embedder.
         enc.eval()
         ids, mask = assemble(sents, t1)
         e = enc(ids, mask)
         d1_eval = template_deltas(backbone, t1, 128)
-        assert torch.allclose(d1_eval[:50], d1, atol=1e-5)
-        assert torch.allclose(e, h[:2] - d1_eval[n[:2]], atol=1e-5)
+        assert_close_on_scale(d1_eval[:50], d1)  # 128 vs 50 rows in one batch: rounding only
+        assert_close_on_scale(e, h[:2] - d1_eval[n[:2]])
         texts = ["a man", "the dog runs on the guitar"]
-        assert np.allclose(prompt_embedder(backbone, tok, t1, "denoised")(texts), e.numpy(), atol=1e-5)
-        assert np.allclose(prompt_embedder(backbone, tok, t1, "spliced")(texts), h[:2].numpy(), atol=1e-5)
+        assert_close_on_scale(prompt_embedder(backbone, tok, t1, "denoised")(texts), e.numpy())
+        assert_close_on_scale(prompt_embedder(backbone, tok, t1, "spliced")(texts), h[:2].numpy())
 
 
 def test_prefix_length_guard(tiny_bert):
@@ -341,9 +341,12 @@ def test_template_deltas_carry_gradient(tiny_bert):
     t1 = Template.from_string(TEMPLATES["bert"][0], tok)
     backbone = _backbone(tiny_bert)
     backbone.train()
+    torch.manual_seed(0)  # dropout masks: independent of the tests that ran before
     d = template_deltas(backbone, t1, 6)
     assert d.shape == (6, 32) and d.requires_grad
-    d.sum().backward()
+    # not d.sum(): a LayerNorm output sums to a constant over its features, so that gradient is
+    # mathematically zero and what reaches the weights is rounding noise (sometimes exactly 0)
+    d.pow(2).sum().backward()
     assert backbone.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
@@ -368,7 +371,7 @@ def test_eval_embedders_and_no_mlp(which, tiny_bert, bpe_roberta):
         enc = tok([text], return_tensors="pt")
         last = backbone(**enc).last_hidden_state[0]
         pos = (enc["input_ids"][0] == t1.mask_id).nonzero().item()
-    assert np.allclose(outs["raw"][0], last[pos].numpy(), atol=1e-5)
+    assert_close_on_scale(outs["raw"][0], last[pos].numpy())  # batched (padded) vs alone
     assert encode_prompt(backbone, tok, t1, [], "raw").shape == (0, 32)
     # The MLP is not used in eval mode.
     model = PromptEncoder(backbone, t1, t2).eval()
@@ -377,8 +380,8 @@ def test_eval_embedders_and_no_mlp(which, tiny_bert, bpe_roberta):
         before = model(ids, mask)
         nn.init.normal_(model.mlp.dense.weight, std=5.0)
         assert torch.equal(model(ids, mask), before)
-    assert np.allclose(before.numpy(), outs["denoised"], atol=1e-5)
-    assert np.allclose(model.embedder(tok)(texts), outs["denoised"], atol=1e-5)
+    assert_close_on_scale(before.numpy(), outs["denoised"])  # one batch vs batches of 2
+    assert_close_on_scale(model.embedder(tok)(texts), outs["denoised"])
     # score_tasks accepts the embedder.
     pairs = PairSet("toy", tuple(texts[:3]), tuple(texts[2:5]), (1.0, 3.0, 2.0))
     res = score_tasks([STSTask("STSBenchmark", (pairs,))], prompt_embedder(backbone, tok, t1, "raw"))

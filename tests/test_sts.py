@@ -16,6 +16,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from clusterns import sts
 from clusterns.encoder import POOLERS
+from conftest import assert_close_on_scale
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "sts_fixture"
 # Pairs kept in the hand-made fixture (STS12 MSRpar drops 1 empty gold line, STS15 belief drops 2).
@@ -251,12 +252,21 @@ def test_length_batches():
 
 
 @pytest.fixture(scope="module")
-def bert(tiny_bert):
+def _bert(tiny_bert):
     from transformers import AutoTokenizer
 
     from clusterns.encoder import load_backbone
 
     return load_backbone(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert)
+
+
+@pytest.fixture()
+def bert(_bert):
+    """A fresh copy of the model per test (tests switch train/eval mode and devices)."""
+    import copy
+
+    model, tok = _bert
+    return copy.deepcopy(model), tok
 
 
 def _manual(model, tok, pooler: str, sentence: str) -> torch.Tensor:
@@ -282,8 +292,8 @@ def test_poolers_match_manual_computation(bert, pooler):
     sentences = ["a man is playing guitar", "two people", "the dog runs on the grass with a cat", "x"]
     emb = embed(sentences)
     assert emb.dtype == np.float32 and emb.shape == (4, model.config.hidden_size)
-    for i, s in enumerate(sentences):
-        np.testing.assert_allclose(emb[i], _manual(model, tok, pooler, s).numpy(), atol=1e-5, rtol=1e-5)
+    for i, s in enumerate(sentences):  # batched (padded) vs alone: float32 rounding on the vector's scale
+        assert_close_on_scale(emb[i], _manual(model, tok, pooler, s).numpy(), msg=s)
 
 
 def test_roberta_backbone(tiny_roberta):
@@ -294,7 +304,7 @@ def test_roberta_backbone(tiny_roberta):
     model, tok = load_backbone(tiny_roberta), AutoTokenizer.from_pretrained(tiny_roberta)
     emb = sts.hf_embedder(model, tok, "avg_first_last", batch_size=2)(["a man", "a woman is here", "hi"])
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
-    np.testing.assert_allclose(emb[1], _manual(model, tok, "avg_first_last", "a woman is here").numpy(), atol=1e-5)
+    assert_close_on_scale(emb[1], _manual(model, tok, "avg_first_last", "a woman is here").numpy())
 
 
 def test_dropout_off_and_mode_restored(bert):
@@ -308,28 +318,18 @@ def test_dropout_off_and_mode_restored(bert):
 
 
 @pytest.mark.parametrize("pooler", ["avg", "cls_before_pooler"])
-def test_dedup_and_length_batching_equal_naive_pairwise(bert, fixture_tasks, pooler, single_thread):
+def test_length_batching_equals_one_by_one_encoding(bert, fixture_tasks, pooler, single_thread):
+    """Length-sorted batches put every embedding back on its sentence's row: equal to encoding each
+    sentence alone (unpadded) up to float32 rounding. Compared as embeddings, not as Spearman: a
+    rank statistic of a random tiny model's cosines (packed near 1) turns 1e-7 of noise into a
+    swapped rank. The scoring of the rows is checked exactly with a model-free embedder above."""
     model, tok = bert
     model.eval()
-    results = sts.score_tasks(fixture_tasks, sts.hf_embedder(model, tok, pooler, batch_size=16))
-
-    def one(sentence: str) -> np.ndarray:
-        return sts.encode(model, tok, [sentence], pooler, batch_size=1).numpy()[0].astype(np.float64)
-
-    for task in fixture_tasks:
-        all_sys, all_gold = [], []
-        for sub in task.subsets:
-            sims = [cos(one(a), one(b)) for a, b in zip(sub.sent1, sub.sent2)]
-            all_sys += sims
-            all_gold += list(sub.gold)
-            if task.name in sts.STS_SUBSETS:
-                got = results["details"][task.name]["subsets"][sub.name]["spearman"]
-                assert got == pytest.approx(spearmanr(sims, sub.gold)[0] * 100, abs=1e-6)
-        assert results[task.name] == pytest.approx(spearmanr(all_sys, all_gold)[0] * 100, abs=1e-6)
-        # Pearson sees the float32 noise of padded vs unpadded attention directly (random tiny
-        # models give cosines packed near 1), so it is compared less tightly than the ranks
-        assert results["details"][task.name]["pearson"] == pytest.approx(
-            pearsonr(all_sys, all_gold)[0] * 100, abs=1e-3)
+    sentences = sts.distinct_sentences(fixture_tasks)
+    batched = sts.hf_embedder(model, tok, pooler, batch_size=16)(sentences)
+    for i, sentence in enumerate(sentences):
+        alone = sts.encode(model, tok, [sentence], pooler, batch_size=1).numpy()[0]
+        assert_close_on_scale(batched[i], alone, msg=sentence)
 
 
 # ------------------------------------------------------------------------------------------
@@ -454,4 +454,6 @@ def test_cuda_autocast_close_to_fp32(bert, dtype):
     finally:
         model.to("cpu")
     assert low.dtype == np.float32
-    np.testing.assert_allclose(low, ref, atol=5e-2, rtol=5e-2)
+    # bf16 keeps 8 mantissa bits (2^-8 = 4e-3 relative per op); a few layers compound it to ~1e-2
+    # of the vector's scale. A wrong autocast (e.g. fp16 overflow, a dropped layer) is far off.
+    assert_close_on_scale(low, ref, 5e-2)

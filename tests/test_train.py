@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from clusterns import launch
+from conftest import assert_close_on_scale
 from clusterns.train import (EarlyStopping, GlobalBatchSampler, TrainingError, make_collate, per_process_batch,
                              total_steps)
 
@@ -142,10 +143,32 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
+# Two routes to the same training run (2 processes vs 1, packed vs HF forward) differ by float32
+# summation order only. Compared with SGD, whose update is proportional to the gradient, so that
+# rounding stays rounding: AdamW divides each element by its own gradient's magnitude, turning the
+# noise of a mathematically zero gradient (the attention key biases') into a +-lr step.
+SGD = {"optimizer": "sgd", "lr": 0.05}
+LOSS_TOL = {"rel": 1e-4, "abs": 1e-5}  # losses ~1, cosines in [-1, 1]: float32 rounding is ~1e-7 of that
+
+
+def assert_same_updates(init: Path, a: Path, b: Path, tol: float = 1e-4, skip=()) -> None:
+    """The weight updates of two runs from the same initial model are equal up to ``tol`` of the
+    largest update of any parameter (a wrong gradient scale or a lost row moves them by >= 1e-2)."""
+    w0, wa, wb = weights(init), weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    da = {k: wa[k].double() - w0[k].double() for k in wa}
+    db = {k: wb[k].double() - w0[k].double() for k in wb}
+    scale = max(float(d.abs().max()) for d in da.values())
+    assert scale > 1e-3, "the runs barely moved the weights: the comparison would prove nothing"
+    for k in da:
+        if k not in skip:
+            assert_close_on_scale(db[k], da[k], tol, k, scale=scale)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_same_global_batch(tokenized):
     """gloo, dropout off: same losses, clustering state and parameters with clustering active."""
-    hp = hparams(training={"dropout": 0.0, "max_steps": 6, "log_steps": 1})
+    hp = hparams(training={"dropout": 0.0, "max_steps": 6, "log_steps": 1, **SGD})
     one = run_stage(tokenized, "ddp1", hp, processes=1)
     two = run_stage(tokenized, "ddp2", hp, processes=2)
     assert one.returncode == 0, one.stdout + one.stderr
@@ -157,21 +180,18 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tokenized):
         assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
         for key in ("loss", "infonce", "bml", "avg_cos", "lr"):
             x, y = float(a[key]), float(b[key])
-            assert x == pytest.approx(y, rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], key, x, y)
+            assert x == pytest.approx(y, **LOSS_TOL, nan_ok=True), (a["step"], key, x, y)
     run1 = json.loads((tokenized / "ddp1/run/run.json").read_text())
     run2 = json.loads((tokenized / "ddp2/run/run.json").read_text())
     assert (run1["processes"], run2["processes"]) == (1, 2) and run2["per_process_batch"] == 8
     assert run1["clustering_start_step"] == run2["clustering_start_step"] == 1
-    w1, w2 = weights(tokenized / "ddp1/run/model"), weights(tokenized / "ddp2/run/model")
-    assert w1.keys() == w2.keys()
-    for k in w1:  # tolerance: float32 reductions in a different order over 6 AdamW steps at lr 1e-4
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=2e-5, msg=k)
+    assert_same_updates(tokenized / "model", tokenized / "ddp1/run/model", tokenized / "ddp2/run/model")
 
 
 @pytest.mark.slow
 def test_packed_forward_trains_like_the_hf_forward(tokenized):
     """Dropout off: the padding-free forward gives the HF forward's losses and weights; run.json says which ran."""
-    hp = {"training": {"dropout": 0.0, "max_steps": 6, "log_steps": 1}}
+    hp = {"training": {"dropout": 0.0, "max_steps": 6, "log_steps": 1, **SGD}}
     packed = run_stage(tokenized, "packed_on", hparams(**hp))
     plain = run_stage(tokenized, "packed_off", hparams(training={**hp["training"], "packed": False}))
     assert packed.returncode == 0, packed.stdout + packed.stderr
@@ -184,10 +204,8 @@ def test_packed_forward_trains_like_the_hf_forward(tokenized):
     for a, b in zip(log_on, log_off):
         assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
         for key in ("loss", "infonce", "bml", "avg_cos"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], key)
-    w_on, w_off = weights(tokenized / "packed_on/run/model"), weights(tokenized / "packed_off/run/model")
-    for k in w_on:
-        torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-4, atol=2e-5, msg=k)
+            assert float(a[key]) == pytest.approx(float(b[key]), **LOSS_TOL, nan_ok=True), (a["step"], key)
+    assert_same_updates(tokenized / "model", tokenized / "packed_off/run/model", tokenized / "packed_on/run/model")
 
 
 @pytest.mark.slow
@@ -291,8 +309,8 @@ def test_prompt_training_two_processes_equal_one(tmp_path, mirror):
     lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:96]
     (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tokenize_to_disk(tmp_path / "model", tmp_path / "wiki.txt", tmp_path / "tok", max_length=32, sentence_only=True)
-    hp = hparams(training={"max_steps": 4, "log_steps": 1, "dropout": 0.0}, pooler="mask", eval_pooler="mask",
-                 prompt={})
+    hp = hparams(training={"max_steps": 4, "log_steps": 1, "dropout": 0.0, **SGD}, pooler="mask",
+                 eval_pooler="mask", prompt={})
     one = run_stage(tmp_path, "p1", hp, processes=1)
     two = run_stage(tmp_path, "p2", hp, processes=2)
     assert one.returncode == 0, one.stdout + one.stderr
@@ -302,15 +320,12 @@ def test_prompt_training_two_processes_equal_one(tmp_path, mirror):
     for a, b in zip(log1, log2):
         assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
         for key in ("loss", "infonce", "bml", "avg_cos"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5, nan_ok=True), (a["step"], key)
-    w1, w2 = weights(tmp_path / "p1/run/model"), weights(tmp_path / "p2/run/model")
-    # Denoising subtracts the template's own [MASK] state, so the last LayerNorm's bias cancels out
-    # of the embedding: its true gradient is 0 and Adam turns the float noise into +-lr steps.
-    cancelled = "encoder.layer.1.output.LayerNorm.bias"
-    assert cancelled in w1
-    for k in w1:
-        if k != cancelled:
-            torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=2e-5, msg=k)
+            assert float(a[key]) == pytest.approx(float(b[key]), **LOSS_TOL, nan_ok=True), (a["step"], key)
+    # Denoising subtracts the template's own [MASK] state (computed in a second pass with gradient),
+    # so many gradients are differences of two passes' sums: the embedding and LayerNorm updates
+    # differ by up to 2e-4 of the largest update between thread counts of one process (measured),
+    # and 3e-4 between 1 and 2 processes. A wrong gradient factor or a lost row moves them by 1e-2+.
+    assert_same_updates(tmp_path / "model", tmp_path / "p1/run/model", tmp_path / "p2/run/model", tol=3e-3)
 
 
 def test_prompt_run_refuses_a_full_format_cache(tokenized):

@@ -24,6 +24,7 @@ TRAINING_DEFAULTS = {
     "max_steps": None,
     "batch_size": 64,
     "lr": 3e-5,
+    "optimizer": "adamw",
     "dropout": None,
     "eval_steps": 125,
     "early_stop": 3,

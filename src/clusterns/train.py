@@ -169,6 +169,19 @@ def resolve_mixed_precision(setting: str, cuda: bool) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def build_optimizer(params, tr: dict) -> torch.optim.Optimizer:
+    """``adamw`` (the official optimizer: betas 0.9/0.999, eps 1e-8, no weight decay; torch's fused
+    kernel on CPU and GPU) or ``sgd`` (plain SGD at the same lr: an update proportional to the
+    gradient, which the equivalence tests need because AdamW is invariant to the gradient's scale)."""
+    name = tr.get("optimizer", "adamw")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=float(tr["lr"]), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                 fused=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=float(tr["lr"]), momentum=0.0)
+    raise TrainingError(f"training.optimizer must be adamw or sgd, got {name!r}")
+
+
 def hparams_digest(hp: dict) -> str:
     """Identity of a run's settings; a checkpoint is resumed only by a run with the same digest."""
     keep = {k: v for k, v in hp.items() if k != "runtime"}
@@ -378,8 +391,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         collate = make_collate(tokenizer.pad_token_id)
     model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU
     packed = _enable_packed(model, bool(tr.get("packed", True)), accelerator)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(tr["lr"]),
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)  # fused kernel on CPU and GPU
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tr)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)
     # The scheduler is not prepared: accelerate would step it once per process (it assumes a
     # sharded epoch); here one optimizer step is one global batch. It is checkpointed as a custom object.

@@ -456,7 +456,7 @@ class _Optimizer:
             raise ValueError(f"unknown optimizer {name!r}; choose adam or rmsprop")
         self.name, self.hp = name, OPTIMIZERS[name]
         self.params = params
-        self.wd = [torch.as_tensor(np.asarray(regs, dtype=np.float32), device=device).view(-1, *[1] * (p.dim() - 1))
+        self.wd = [torch.as_tensor(np.asarray(regs), dtype=p.dtype, device=device).view(-1, *[1] * (p.dim() - 1))
                    for p in params]
         self.sq = [torch.zeros_like(p) for p in params]
         self.avg = [torch.zeros_like(p) for p in params] if name == "adam" else None
@@ -479,8 +479,8 @@ class _Optimizer:
         if self.name == "adam":
             beta1, beta2 = self.hp["betas"]
             steps = np.maximum(self.steps, 1).astype(np.float64)
-            step_size = torch.as_tensor(self.hp["lr"] / (1 - beta1 ** steps), dtype=torch.float32)
-            bc2_sqrt = torch.as_tensor(np.sqrt(1 - beta2 ** steps), dtype=torch.float32)
+            step_size = torch.as_tensor(self.hp["lr"] / (1 - beta1 ** steps), dtype=self.params[0].dtype)
+            bc2_sqrt = torch.as_tensor(np.sqrt(1 - beta2 ** steps), dtype=self.params[0].dtype)
         for i, (p, g) in enumerate(zip(self.params, grads)):
             shape = (-1,) + (1,) * (p.dim() - 1)
             mask = active.view(shape)
@@ -499,7 +499,7 @@ class _Optimizer:
 
 
 def train_jobs(X, y, jobs: Sequence[FitJob], nclasses: int, settings: ClassifierSettings, *,
-               device: str = "cpu", seed: int = SEED) -> list[LogRegFit]:
+               device: str = "cpu", seed: int = SEED, dtype=None) -> list[LogRegFit]:
     """Run SentEval classifier fits (``MLP`` with ``nhid=0``) on rows of ``X``; one result per job.
 
     Every fit starts as SentEval's does after reseeding with ``seed``: the Linear(D, C) drawn
@@ -515,8 +515,13 @@ def train_jobs(X, y, jobs: Sequence[FitJob], nclasses: int, settings: Classifier
     The jobs are independent and are trained side by side as one bank (batched matrix
     products), each with its own data, shuffles, weight decay, optimizer state and stopping; a
     job whose pass has fewer batches than the longest skips the extra steps.
+
+    ``dtype``: float32 (SentEval's, the default); float64 lets tests compare against a literal
+    reference loop without float32 rounding deciding a tied validation prediction.
     """
     import torch
+
+    dtype = dtype or torch.float32
 
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
@@ -546,10 +551,10 @@ def train_jobs(X, y, jobs: Sequence[FitJob], nclasses: int, settings: Classifier
         vals.append(val)
     dev = torch.device(device)
     vals_t = [torch.from_numpy(v).to(dev) for v in vals]
-    X_t, y_t = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
+    X_t, y_t = torch.from_numpy(X).to(device=dev, dtype=dtype), torch.from_numpy(y).to(dev)
     J, bs = len(jobs), settings.batch_size
-    W = init.weight.detach().to(dev).expand(J, -1, -1).clone()  # (J, C, D)
-    b = init.bias.detach().to(dev).expand(J, -1).clone()  # (J, C)
+    W = init.weight.detach().to(device=dev, dtype=dtype).expand(J, -1, -1).clone()  # (J, C, D)
+    b = init.bias.detach().to(device=dev, dtype=dtype).expand(J, -1).clone()  # (J, C)
     params = [W, b]
     opt = _Optimizer(settings.optim, params, [j.reg for j in jobs], dev)
     ids = list(range(J))  # the job of each bank row
@@ -569,7 +574,7 @@ def train_jobs(X, y, jobs: Sequence[FitJob], nclasses: int, settings: Classifier
                 for r, j in enumerate(ids):
                     order[r, :n_rows[r]] = trains[j][rngs[j].permutation(n_rows[r])]
                     valid[r, :n_rows[r]] = 1.0
-                order_t, valid_t = torch.from_numpy(order).to(dev), torch.from_numpy(valid).to(dev)
+                order_t, valid_t = torch.from_numpy(order).to(dev), torch.from_numpy(valid).to(dev, dtype)
                 for s in range(steps):
                     idx, mask = order_t[:, s * bs:(s + 1) * bs], valid_t[:, s * bs:(s + 1) * bs]
                     count = mask.sum(1)  # rows in this step's batch, per job (0: the job's pass is over)
@@ -614,7 +619,7 @@ def _accuracy(X, y, weight, bias, chunk: int = 65536) -> float:
 
 def fit_logreg(X, y, nclasses: int, regs: Sequence[float], settings: ClassifierSettings, *,
                validation: tuple | None = None, validation_split: bool = False,
-               device: str = "cpu", seed: int = SEED) -> list[LogRegFit]:
+               device: str = "cpu", seed: int = SEED, dtype=None) -> list[LogRegFit]:
     """One fit per value in ``regs`` on all of (X, y), early-stopping on ``validation`` =
     (X_val, y_val), or with ``validation_split=True`` on SentEval's 5 % split of (X, y)."""
     X = np.asarray(X, dtype=np.float32)
@@ -631,7 +636,7 @@ def fit_logreg(X, y, nclasses: int, regs: Sequence[float], settings: ClassifierS
     else:
         raise ValueError("fit_logreg needs validation data or validation_split=True")
     return train_jobs(X, y, [FitJob(train, float(reg), val) for reg in regs], nclasses, settings,
-                      device=device, seed=seed)
+                      device=device, seed=seed, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
