@@ -7,9 +7,11 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clusterns.clustering import (ClusterState, assign, false_negative_mask, greedy_init_indices,
-                                  hard_negatives, init_centroids, momentum_update, nearest_two)
+                                  hard_negatives, init_centroids, momentum_update, momentum_update_official,
+                                  nearest_two)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -229,3 +231,104 @@ def test_cluster_state_refuses_corrupt_dict():
     bad = ClusterState().state_dict() | {"started": True}
     with pytest.raises(ValueError, match="corrupt"):
         ClusterState().load_state_dict(bad)
+
+
+# ----------------------------------------------------------------------------- centroid precision
+# The official update, written from ClusterNS's simcse/models.py (kmeans_cluster.forward and
+# update, kmeans_optim "momentum") as it runs under --fp16 autocast: nn.CosineSimilarity is on
+# autocast's float32 list, torch.matmul on its float16 list; the centroid Parameter was created
+# with zeros_like(z1), so it is float16 when z1 (the [CLS] + MLP output) is.
+
+def official_step(centroid: torch.Tensor, z1: torch.Tensor, lr: float, autocast_fp16: bool) -> torch.Tensor:
+    datapoints = z1.clone().detach()
+    sim = F.cosine_similarity(datapoints.float().unsqueeze(1), centroid.float().unsqueeze(0), dim=-1)
+    dp_index = torch.argmax(sim, dim=-1)
+    index_dp = F.one_hot(dp_index, centroid.shape[0]).T  # [k, N]
+    if autocast_fp16:
+        data = torch.matmul(index_dp.float().half(), datapoints.half())
+    else:
+        data = torch.matmul(index_dp.float(), datapoints)
+    updated_centroid = index_dp.sum(dim=-1).bool().unsqueeze(1).expand_as(centroid)
+    data += centroid * updated_centroid.logical_not()
+    return lr * data + (1 - lr) * centroid
+
+
+def exact_float32_step(centroid: torch.Tensor, z1: torch.Tensor, lr: float) -> torch.Tensor:
+    """Our documented float32 update: c <- lr * sum + (1 - lr) * c for non-empty clusters, others kept."""
+    z = z1.detach().float()
+    members = (assign(z, centroid).unsqueeze(1) == torch.arange(centroid.shape[0])).float()  # [B, K]
+    sums, counts = members.T @ z, members.sum(0)
+    return torch.where((counts > 0).unsqueeze(1), lr * sums + (1 - lr) * centroid, centroid)
+
+
+def embedding_batches(steps: int, dtype: torch.dtype, b: int = 48, d: int = 16):
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(6, d, generator=g)  # six directions: clusters that stay populated
+    out = []
+    for _ in range(steps):
+        z1 = base[torch.randint(6, (b,), generator=g)] + 0.3 * torch.randn(b, d, generator=g)
+        z2 = z1 + 0.1 * torch.randn(b, d, generator=g)
+        out.append((torch.tanh(z1).to(dtype), torch.tanh(z2).to(dtype)))  # tanh: the MLP's range
+    return out
+
+
+@pytest.mark.parametrize("lr", [1e-3, 5e-4, 0.05])
+def test_float16_centroids_follow_the_official_update_bit_for_bit(lr):
+    from clusterns.objective import ObjectiveConfig, compute_objective
+
+    cfg = ObjectiveConfig(kmeans=8, kmeans_lr=lr, kmean_cosine=1.0, centroid_dtype="embedding")
+    state, rng = ClusterState(), torch.Generator().manual_seed(0)
+    batches = embedding_batches(6, torch.float16)
+    compute_objective(*batches[0], state, cfg, 1, rng, autocast_dtype=torch.float16)  # initialises
+    assert state.centroids.dtype == torch.float16  # zeros_like(z1): the embedding's dtype
+    reference = state.centroids.clone()
+    empty_seen = False
+    for step, (z1, z2) in enumerate(batches[1:], start=2):
+        empty_seen |= bool((assign(z1, reference).bincount(minlength=8) == 0).any())
+        reference = official_step(reference, z1, lr, autocast_fp16=True)
+        compute_objective(z1, z2, state, cfg, step, rng, autocast_dtype=torch.float16)
+        assert state.centroids.dtype == torch.float16
+        assert torch.equal(state.centroids, reference), f"step {step}"
+    assert empty_seen  # the official recomputation of empty clusters is exercised too
+
+
+def test_float16_rounding_loses_part_of_a_small_momentum_step():
+    """What centroid_dtype: float32 improves: at lr 1e-3 float16 keeps only part of the drift."""
+    (z1, _), = embedding_batches(1, torch.float16)
+    c16 = init_centroids(z1, z1, 8, 0, dtype=torch.float16)
+    c32 = c16.float()
+    new16 = official_step(c16, z1, 1e-3, autocast_fp16=True).float()
+    new32 = official_step(c32, z1.float(), 1e-3, autocast_fp16=False)
+    drift32, lost = (new32 - c32).abs().sum(), (new16 - new32).abs().sum()
+    assert 0.02 < float(lost / drift32) < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_float32_centroids_follow_the_exact_update_bit_for_bit(dtype):
+    from clusterns.objective import ObjectiveConfig, compute_objective
+
+    cfg = ObjectiveConfig(kmeans=8, kmeans_lr=1e-3, kmean_cosine=1.0, centroid_dtype="float32")
+    state, rng = ClusterState(), torch.Generator().manual_seed(0)
+    batches = embedding_batches(5, dtype)
+    compute_objective(*batches[0], state, cfg, 1, rng, autocast_dtype=torch.float16)
+    assert state.centroids.dtype == torch.float32
+    reference = state.centroids.clone()
+    for step, (z1, z2) in enumerate(batches[1:], start=2):
+        reference = exact_float32_step(reference, z1, 1e-3)
+        compute_objective(z1, z2, state, cfg, step, rng, autocast_dtype=torch.float16)
+        assert torch.equal(state.centroids, reference), f"step {step}"
+
+
+@pytest.mark.parametrize("dtype,autocast_fp16", [(torch.float16, True), (torch.float32, False)])
+def test_official_update_recomputes_empty_clusters(dtype, autocast_fp16):
+    """An empty cluster's centroid is recomputed as lr * c + (1 - lr) * c, in the centroid's
+    dtype, which rounds it off its old value (the exact update keeps it bit for bit)."""
+    g = torch.Generator().manual_seed(3)
+    centroids = torch.randn(8, 16, generator=g).to(dtype)
+    z = (centroids[0] + 0.01 * torch.randn(4, 16, generator=g)).to(dtype)  # every row in cluster 0
+    assert assign(z, centroids).eq(0).all()
+    got = momentum_update_official(centroids, z, 0.3, matmul_dtype=torch.float16 if autocast_fp16 else None)
+    assert got.dtype == dtype
+    assert torch.equal(got, official_step(centroids, z, 0.3, autocast_fp16))
+    assert not torch.equal(got[1:], centroids[1:])  # the empty clusters moved by rounding
+    assert torch.equal(momentum_update(centroids.float(), z, 0.3)[1:], centroids[1:].float())

@@ -110,6 +110,23 @@ def tokenized(tmp_path_factory, mirror):
     return root
 
 
+@pytest.fixture(scope="module")
+def minilm_data(tmp_path_factory, mirror, minilm):
+    """The first 400 mirror sentences tokenized for the packaged MiniLM, both cache formats. The
+    equivalence tests train a real encoder: a random tiny model's embeddings are nearly parallel
+    (cosines ~0.99998), so its cluster assignments are decided by rounding and two equivalent
+    routes part ways on a tie; MiniLM's are spread (mean cross-view cosine ~0.6)."""
+    from clusterns.tokenize import tokenize_to_disk
+
+    root = tmp_path_factory.mktemp("train_minilm")
+    (root / "model").symlink_to(minilm, target_is_directory=True)
+    lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:400]
+    (root / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenize_to_disk(minilm, root / "wiki.txt", root / "tok", max_length=32)
+    tokenize_to_disk(minilm, root / "wiki.txt", root / "tok_s", max_length=32, sentence_only=True)
+    return root
+
+
 def hparams(**over) -> dict:
     training = {"max_seq_length": 32, "epochs": 1, "max_steps": 6, "batch_size": 16, "lr": 1e-4, "dropout": None,
                 "eval_steps": 1000, "early_stop": None, "save_steps": 1000, "log_steps": 2,
@@ -122,10 +139,10 @@ def hparams(**over) -> dict:
             "training": training, "objective": objective, **over}
 
 
-def run_stage(root: Path, name: str, hp: dict, processes: int = 1, wait: bool = True, **popen):
+def run_stage(root: Path, name: str, hp: dict, processes: int = 1, wait: bool = True, data: str = "tok", **popen):
     (root / f"{name}.json").write_text(json.dumps(hp))
     cmd = [sys.executable, "-m", "clusterns.launch", "--gpus", str(processes), "--cpu-processes", str(processes), "--",
-           "--hparams", str(root / f"{name}.json"), "--data", str(root / "tok"), "--model", str(root / "model"),
+           "--hparams", str(root / f"{name}.json"), "--data", str(root / data), "--model", str(root / "model"),
            "--run-dir", str(root / name / "run"), "--state-dir", str(root / name / "state")]
     if not wait:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
@@ -147,50 +164,109 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 # summation order only. Compared with SGD, whose update is proportional to the gradient, so that
 # rounding stays rounding: AdamW divides each element by its own gradient's magnitude, turning the
 # noise of a mathematically zero gradient (the attention key biases') into a +-lr step.
-SGD = {"optimizer": "sgd", "lr": 0.05}
+SGD = {"optimizer": "sgd", "lr": 0.05, "max_grad_norm": None}  # unclipped: a wrong gradient factor shows
 LOSS_TOL = {"rel": 1e-4, "abs": 1e-5}  # losses ~1, cosines in [-1, 1]: float32 rounding is ~1e-7 of that
+FLOAT32_ULP = 2.0 ** -23
 
 
-def assert_same_updates(init: Path, a: Path, b: Path, tol: float = 1e-4, skip=()) -> None:
+def assert_same_updates(init: Path, a: Path, b: Path, tol: float = 1e-4) -> None:
     """The weight updates of two runs from the same initial model are equal up to ``tol`` of the
-    largest update of any parameter (a wrong gradient scale or a lost row moves them by >= 1e-2)."""
+    largest update of any parameter, plus the float32 rounding of the stored weights themselves
+    (2 ulps of the tensor's largest weight: a LayerNorm weight of 1.0 rounds at 1.2e-7). A wrong
+    gradient scale or a lost row moves them by 1e-2 or more of the scale."""
     w0, wa, wb = weights(init), weights(a), weights(b)
     assert wa.keys() == wb.keys()
     da = {k: wa[k].double() - w0[k].double() for k in wa}
     db = {k: wb[k].double() - w0[k].double() for k in wb}
     scale = max(float(d.abs().max()) for d in da.values())
-    assert scale > 1e-3, "the runs barely moved the weights: the comparison would prove nothing"
+    assert scale > 1e-3, f"the runs barely moved the weights (largest update {scale:.1e}): nothing would be proven"
     for k in da:
-        if k not in skip:
-            assert_close_on_scale(db[k], da[k], tol, k, scale=scale)
+        floor = 2 * FLOAT32_ULP * float(w0[k].abs().max())
+        diff = float((db[k] - da[k]).abs().max())
+        assert diff <= tol * scale + floor, f"{k}: updates differ by {diff:.2e} (scale {scale:.2e}, floor {floor:.1e})"
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_on_the_same_global_batch(tokenized):
-    """gloo, dropout off: same losses, clustering state and parameters with clustering active."""
+def test_two_processes_equal_one_process_on_the_same_global_batch(minilm_data):
+    """gloo, dropout off: same losses, clustering state, gradient norms and parameters with clustering
+    active, on every rank. SGD without clipping, so a missing or wrong ``loss * world`` factor (DDP
+    averages the ranks' gradients) changes the updates."""
+    root = minilm_data
     hp = hparams(training={"dropout": 0.0, "max_steps": 6, "log_steps": 1, **SGD})
-    one = run_stage(tokenized, "ddp1", hp, processes=1)
-    two = run_stage(tokenized, "ddp2", hp, processes=2)
+    one = run_stage(root, "ddp1", hp, processes=1)
+    two = run_stage(root, "ddp2", hp, processes=2)
     assert one.returncode == 0, one.stdout + one.stderr
     assert two.returncode == 0, two.stdout + two.stderr
-    log1, log2 = read_log(tokenized / "ddp1/run/train_log.csv"), read_log(tokenized / "ddp2/run/train_log.csv")
+    log1, log2 = read_log(root / "ddp1/run/train_log.csv"), read_log(root / "ddp2/run/train_log.csv")
     assert len(log1) == len(log2) == 6
     assert all(r["clustering_started"] == "1" for r in log1[1:])  # threshold 1.0: starts at step 1
+    assert len({r["n_false_negative_pairs"] for r in log1[1:]}) > 1  # real clusters, not one blob
     for a, b in zip(log1, log2):
         assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
-        for key in ("loss", "infonce", "bml", "avg_cos", "lr"):
+        for key in ("loss", "infonce", "bml", "avg_cos", "grad_norm", "lr"):
             x, y = float(a[key]), float(b[key])
             assert x == pytest.approx(y, **LOSS_TOL, nan_ok=True), (a["step"], key, x, y)
-    run1 = json.loads((tokenized / "ddp1/run/run.json").read_text())
-    run2 = json.loads((tokenized / "ddp2/run/run.json").read_text())
+    run1 = json.loads((root / "ddp1/run/run.json").read_text())
+    run2 = json.loads((root / "ddp2/run/run.json").read_text())
     assert (run1["processes"], run2["processes"]) == (1, 2) and run2["per_process_batch"] == 8
     assert run1["clustering_start_step"] == run2["clustering_start_step"] == 1
-    assert_same_updates(tokenized / "model", tokenized / "ddp1/run/model", tokenized / "ddp2/run/model")
+    # every rank computed the objective on the same gathered batch: identical losses and centroids
+    ranks = run2["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["steps_logged"] == 6 for r in ranks)
+    for key in ("losses_sha256", "centroids_sha256", "clustering_start_step", "last_loss"):
+        assert ranks[1][key] == ranks[0][key], key
+    assert ranks[0]["centroids_sha256"] is not None
+    assert ranks[0]["last_loss"] == pytest.approx(float(log1[-1]["loss"]), **LOSS_TOL)
+    assert run2["effective"]["processes"] == 2 and run2["effective"]["max_grad_norm"] is None
+    assert_same_updates(root / "model", root / "ddp1/run/model", root / "ddp2/run/model")
 
 
 @pytest.mark.slow
-def test_packed_forward_trains_like_the_hf_forward(tokenized):
+def test_official_clipping_rule_under_two_processes(tokenized):
+    """The official run on W = 2 GPUs: each process backpropagates the global loss L through its
+    own slice, DDP averages, so the optimizer sees grad(L) / 2 and clips that at 1.0. Ours with
+    ``max_grad_norm: 2`` clips grad(L) at 2, i.e. exactly 2x the official clipped gradient (a
+    factor AdamW ignores); with SGD the update shows the gradient, so it is compared directly."""
+    from clusterns.clustering import ClusterState
+    from clusterns.encoder import SentenceEncoder, load_backbone
+    from clusterns.objective import ObjectiveConfig, compute_objective
+    from clusterns.tokenize import load_tokenized
+    from clusterns.train import TokenizedSentences
+
+    lr, world = 0.05, 2
+    hp = hparams(pooler="avg", eval_pooler="avg", objective={"kmeans": 0, "bml_weight": 0.0},
+                 training={"dropout": 0.0, "max_steps": 1, "log_steps": 1, "optimizer": "sgd", "lr": lr,
+                           "max_grad_norm": float(world), "packed": False})
+    res = run_stage(tokenized, "clip2", hp, processes=world)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # The official step on one process: the gradient of L on the same global batch, / W, clipped at 1.
+    ds = load_tokenized(tokenized / "tok")
+    indices = next(iter(GlobalBatchSampler(len(ds), 16, 0, 1, seed=hp["seed"], start_step=0, total_steps=1)))
+    backbone = load_backbone(tokenized / "model", dropout=0.0)
+    batch = make_collate(backbone.config.pad_token_id)(TokenizedSentences(ds).__getitems__(indices))
+    enc = SentenceEncoder(backbone, pooler="avg").train()
+    z1, z2 = enc.encode_views(batch["input_ids"], batch["attention_mask"])
+    loss, _ = compute_objective(z1, z2, ClusterState(), ObjectiveConfig(kmeans=0), 1, None)
+    loss.backward()
+    official = {n: p.grad.double() / world for n, p in backbone.named_parameters() if p.grad is not None}
+    official_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in official.values())))
+    assert official_norm > 1.0, "clipping must be active for this test to mean anything"
+    official = {n: g * (1.0 / (official_norm + 1e-6)) for n, g in official.items()}
+    # Ours: the SGD update is -lr * (our clipped gradient).
+    w0, w1 = weights(tokenized / "model"), weights(tokenized / "clip2/run/model")
+    ours = {n: (w0[n].double() - w1[n].double()) / lr for n in official}
+    scale = max(float(g.abs().max()) for g in official.values()) * world
+    for name, g in official.items():
+        assert_close_on_scale(ours[name], world * g, 1e-4, name, scale=scale)
+    logged = read_log(tokenized / "clip2/run/train_log.csv")[0]
+    assert float(logged["grad_norm"]) == pytest.approx(world * official_norm, rel=1e-4)  # the norm of grad(L)
+    assert json.loads((tokenized / "clip2/run/run.json").read_text())["effective"]["max_grad_norm"] == 2.0
+
+
+@pytest.mark.slow
+def test_packed_forward_trains_like_the_hf_forward(minilm_data):
     """Dropout off: the padding-free forward gives the HF forward's losses and weights; run.json says which ran."""
+    tokenized = minilm_data
     hp = {"training": {"dropout": 0.0, "max_steps": 6, "log_steps": 1, **SGD}}
     packed = run_stage(tokenized, "packed_on", hparams(**hp))
     plain = run_stage(tokenized, "packed_off", hparams(training={**hp["training"], "packed": False}))
@@ -235,6 +311,34 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tokenized):
     for k in w_ref:
         assert torch.equal(w_ref[k], w_res[k]), k
     assert not (tokenized / "killed/state").exists()  # finished runs drop their checkpoints
+
+
+@pytest.fixture(scope="module")
+def senteval_dir(mirror, tmp_path_factory) -> Path:
+    import tarfile
+
+    root = tmp_path_factory.mktemp("senteval")
+    with tarfile.open(mirror / "senteval.tar") as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+@pytest.mark.parametrize("eval_at_end", [False, True])
+def test_dev_evaluation_every_eval_steps_and_at_the_end_only_when_asked(tokenized, senteval_dir, eval_at_end):
+    """The official trainer evaluates STS-B dev at multiples of eval_steps only; eval_at_end adds the last step."""
+    name = f"evalend{int(eval_at_end)}"
+    hp = hparams(training={"max_steps": 5, "eval_steps": 2, "eval_at_end": eval_at_end, "log_steps": 1},
+                 objective={"kmeans": 0, "bml_weight": 0.0})
+    (tokenized / f"{name}.json").write_text(json.dumps(hp))
+    res = subprocess.run([sys.executable, "-m", "clusterns.train", "--hparams", str(tokenized / f"{name}.json"),
+                          "--data", str(tokenized / "tok"), "--model", str(tokenized / "model"),
+                          "--senteval", str(senteval_dir), "--run-dir", str(tokenized / name / "run"),
+                          "--state-dir", str(tokenized / name / "state")], env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    steps = [int(r["step"]) for r in read_log(tokenized / name / "run/eval_log.csv")]
+    assert steps == ([2, 4, 5] if eval_at_end else [2, 4])
+    run = json.loads((tokenized / name / "run/run.json").read_text())
+    assert run["effective"]["eval_at_end"] is eval_at_end and run["best_step"] in steps
 
 
 def test_refusals_name_the_problem(tokenized, tmp_path):
@@ -299,33 +403,28 @@ def test_prompt_training_runs_with_clustering_and_exports_its_template(tmp_path,
 
 
 @pytest.mark.slow
-def test_prompt_training_two_processes_equal_one(tmp_path, mirror):
-    """Prompt-BERT with denoising under DDP (gloo, dropout off): same losses and weights as one process."""
-    from conftest import make_tiny_bert
-
-    from clusterns.tokenize import tokenize_to_disk
-
-    make_tiny_bert(tmp_path / "model")
-    lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:96]
-    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tokenize_to_disk(tmp_path / "model", tmp_path / "wiki.txt", tmp_path / "tok", max_length=32, sentence_only=True)
+def test_prompt_training_two_processes_equal_one(minilm_data):
+    """Prompt-BERT (MiniLM) with denoising under DDP (gloo, dropout off): same losses, clusters and
+    weight updates as one process."""
+    root = minilm_data
     hp = hparams(training={"max_steps": 4, "log_steps": 1, "dropout": 0.0, **SGD}, pooler="mask",
                  eval_pooler="mask", prompt={})
-    one = run_stage(tmp_path, "p1", hp, processes=1)
-    two = run_stage(tmp_path, "p2", hp, processes=2)
+    one = run_stage(root, "p1", hp, processes=1, data="tok_s")
+    two = run_stage(root, "p2", hp, processes=2, data="tok_s")
     assert one.returncode == 0, one.stdout + one.stderr
     assert two.returncode == 0, two.stdout + two.stderr
-    log1, log2 = read_log(tmp_path / "p1/run/train_log.csv"), read_log(tmp_path / "p2/run/train_log.csv")
+    log1, log2 = read_log(root / "p1/run/train_log.csv"), read_log(root / "p2/run/train_log.csv")
     assert len(log1) == len(log2) == 4 and all(r["clustering_started"] == "1" for r in log1)
     for a, b in zip(log1, log2):
         assert a["n_false_negative_pairs"] == b["n_false_negative_pairs"]
-        for key in ("loss", "infonce", "bml", "avg_cos"):
+        for key in ("loss", "infonce", "bml", "avg_cos", "grad_norm"):
             assert float(a[key]) == pytest.approx(float(b[key]), **LOSS_TOL, nan_ok=True), (a["step"], key)
-    # Denoising subtracts the template's own [MASK] state (computed in a second pass with gradient),
-    # so many gradients are differences of two passes' sums: the embedding and LayerNorm updates
-    # differ by up to 2e-4 of the largest update between thread counts of one process (measured),
-    # and 3e-4 between 1 and 2 processes. A wrong gradient factor or a lost row moves them by 1e-2+.
-    assert_same_updates(tmp_path / "model", tmp_path / "p1/run/model", tmp_path / "p2/run/model", tol=3e-3)
+    ranks = json.loads((root / "p2/run/run.json").read_text())["ranks"]
+    assert ranks[0]["losses_sha256"] == ranks[1]["losses_sha256"]
+    assert ranks[0]["centroids_sha256"] == ranks[1]["centroids_sha256"]
+    # Denoising subtracts the template's own [MASK] state (a second pass with gradient), so many
+    # gradients are differences of two passes' sums; measured: 1e-5 of the largest update.
+    assert_same_updates(root / "model", root / "p1/run/model", root / "p2/run/model", tol=1e-3)
 
 
 def test_prompt_run_refuses_a_full_format_cache(tokenized):

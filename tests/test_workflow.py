@@ -125,6 +125,30 @@ def test_paper_grid_hyperparameters_match_design():
     assert runs[("clusterns-no-bml", "bert-base")].objective.get("bml_weight", 0.0) == 0.0
 
 
+def test_paper_grid_reproduces_the_official_schedule_clipping_and_precision():
+    """Read from the resolved grid (what the trainer receives), not from the YAML text."""
+    runs = cfg.expand_runs(load("config.yaml"))
+    by = {(r.method, r.backbone): r for r in runs}
+    # SimCSE's own trainer has no early stopping; ClusterNS's train.py stops after 3 evaluations
+    assert all(r.training["early_stop"] is None for r in runs if r.method == "simcse")
+    assert all(r.training["early_stop"] == 3 for r in runs if r.method != "simcse")
+    assert all(r.training["eval_steps"] == 125 and r.training["epochs"] == 1 and r.training["max_steps"] is None
+               and r.training["eval_at_end"] is False for r in runs)
+    # fp16 autocast + loss scaling, and the centroids in the embedding's dtype, as the official runs
+    assert all(r.training["mixed_precision"] == "fp16" for r in runs)
+    assert all(r.objective.get("centroid_dtype") == "embedding" for r in runs if r.objective.get("kmeans"))
+    # the official W-GPU runs clip grad(L) / W at 1.0 = grad(L) at W (GPU counts: ClusterNS README)
+    official_gpus = {("clusterns", "bert-base"): 1, ("clusterns", "bert-large"): 4, ("clusterns", "roberta-base"): 2,
+                     ("clusterns", "roberta-large"): 4, ("clusterns-prompt", "bert-base"): 1,
+                     ("clusterns-prompt", "bert-large"): 4, ("clusterns-prompt", "roberta-base"): 2,
+                     ("clusterns-no-hn", "bert-base"): 1, ("clusterns-no-bml", "bert-base"): 1,
+                     **{("simcse", bb): 1 for bb in ("bert-base", "bert-large", "roberta-base", "roberta-large")}}
+    assert {key: r.training["max_grad_norm"] for key, r in by.items()} == {k: float(w) for k, w in official_gpus.items()}
+    # and the hparams handed to the trainer carry them
+    hp = by[("clusterns", "roberta-large")].hparams({})
+    assert hp["training"]["max_grad_norm"] == 4.0 and hp["objective"]["centroid_dtype"] == "embedding"
+
+
 # ------------------------------------------------------------------------------------------------
 # Dry runs
 

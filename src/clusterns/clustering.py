@@ -5,11 +5,14 @@ Conventions shared by every function here:
 
 * Everything is detached: centroids are moved only by :func:`momentum_update`, never by the
   optimizer, and no gradient reaches them or the hard negatives.
-* Cosines are computed in float32 (float64 for float64 inputs) with autocast off, so bf16/fp16
-  embeddings do not round the similarity comparisons. Centroids are kept in float32 (the
-  official code keeps them in the embedding dtype, i.e. fp16 under AMP, where an update of
-  rate 1e-3 is largely lost to rounding; see PROMPT_AND_TRANSFER pitfall C7). Matmuls follow
-  torch's float32 matmul precision (TF32 only if the trainer opts in).
+* Cosines are computed in float32 (float64 for float64 inputs) with autocast off, as the
+  official code's ``nn.CosineSimilarity`` is under autocast. Centroids come in two precisions
+  (``objective.centroid_dtype``): ``embedding``, the official behaviour, keeps them in the
+  embedding's dtype (float16 for the [CLS] + MLP embedding under fp16 autocast) and updates them
+  with the official arithmetic (:func:`momentum_update_official`), where a momentum step of rate
+  1e-3 is partly lost to float16 rounding; ``float32`` keeps them in float32 and updates them
+  exactly (:func:`momentum_update`). Matmuls follow torch's float32 matmul precision (TF32 only
+  if the trainer opts in).
 * Ties are resolved deterministically towards the **lowest index**, on every device: the
   nearest centroid of :func:`assign`, the next pick of :func:`init_centroids` (argmin) and the
   second-nearest centroid of :func:`hard_negatives`. Selection is done with explicit
@@ -31,8 +34,8 @@ from torch import Tensor
 from clusterns.losses import compute_dtype, cosine_matrix, no_autocast
 
 __all__ = [
-    "init_centroids", "greedy_init_indices", "assign", "momentum_update", "hard_negatives",
-    "nearest_two", "false_negative_mask", "one_hot_mask", "ClusterState",
+    "init_centroids", "greedy_init_indices", "assign", "momentum_update", "momentum_update_official",
+    "hard_negatives", "nearest_two", "false_negative_mask", "one_hot_mask", "ClusterState",
 ]
 
 
@@ -125,12 +128,14 @@ def greedy_init_indices(z1: Tensor, z2: Tensor, k: int, first_index: int | Tenso
     return order
 
 
-def init_centroids(z1: Tensor, z2: Tensor, k: int, first_index: int | Tensor) -> Tensor:
-    """Initial centroids ``z1[greedy_init_indices(...)]`` (DESIGN §4 step 3): Tensor [k, D],
-    detached, float32 (float64 for float64 input), raw (not normalised) rows of ``z1``."""
+def init_centroids(z1: Tensor, z2: Tensor, k: int, first_index: int | Tensor,
+                   dtype: torch.dtype | None = None) -> Tensor:
+    """Initial centroids ``z1[greedy_init_indices(...)]`` (step 3 of the objective): Tensor
+    [k, D], detached, raw (not normalised) rows of ``z1`` in ``dtype`` (default float32, or
+    float64 for float64 input; ``z1.dtype`` gives the official ``zeros_like(z1)`` centroids)."""
     order = greedy_init_indices(z1, z2, k, first_index)
     z = z1.detach()
-    return z.index_select(0, order).to(compute_dtype(z)).clone()
+    return z.index_select(0, order).to(dtype or compute_dtype(z)).clone()
 
 
 # ----------------------------------------------------------------------------- step 4a-d
@@ -192,6 +197,36 @@ def momentum_update(centroids: Tensor, z: Tensor, lr: float, *, assignments: Ten
         counts = onehot.sum(dim=0)  # [K]
         updated = lr * sums + (1.0 - lr) * c
         return torch.where((counts > 0).unsqueeze(1), updated, c)
+
+
+def momentum_update_official(centroids: Tensor, z: Tensor, lr: float, *, assignments: Tensor | None = None,
+                             matmul_dtype: torch.dtype | None = None) -> Tensor:
+    """One momentum step with the official code's arithmetic, operation for operation
+    (``kmeans_cluster.update``, ``kmeans_optim: momentum``); the input is not modified.
+
+    ``data = onehot[K, B] @ z`` (the per-cluster **sum**) in ``matmul_dtype``: what autocast gives
+    the official matmul, float16 under ``--fp16`` whatever the embedding's dtype, else float32;
+    then ``data += c * empty`` (in place, so ``data`` keeps its dtype) and ``lr * data + (1 - lr) * c``
+    with PyTorch's type promotion. So float16 embeddings under fp16 autocast give float16
+    centroids updated in float16 (a rate of 1e-3 is partly lost to rounding), and an empty
+    cluster's centroid is recomputed as ``lr * c + (1 - lr) * c``, not kept bit for bit.
+    Unlike :func:`momentum_update`, non-finite rows are not filtered (the official code does not).
+    """
+    _check_z_centroids(z, centroids)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 < float(lr) <= 1.0:
+        raise ValueError(f"lr (kmeans_lr) must be in (0, 1], got {lr!r}")
+    lr = float(lr)
+    k = centroids.shape[0]
+    if assignments is None:
+        assignments = assign(z, centroids)
+    mm_dtype = matmul_dtype or torch.promote_types(torch.float32, z.dtype)
+    with torch.no_grad(), no_autocast(centroids.device.type):
+        c = centroids.detach()
+        index = one_hot_mask(assignments.to(c.device), k).transpose(0, 1)  # [K, B]
+        data = torch.matmul(index.to(mm_dtype), z.detach().to(device=c.device, dtype=mm_dtype))
+        empty = ~index.any(dim=1, keepdim=True)
+        data += c * empty
+        return lr * data + (1.0 - lr) * c
 
 
 def hard_negatives(z: Tensor, centroids: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from clusterns.clustering import (ClusterState, assign, false_negative_mask, init_centroids,
-                                  momentum_update, nearest_two, one_hot_mask)
+                                  momentum_update, momentum_update_official, nearest_two, one_hot_mask)
 from clusterns.losses import bml_from_cos, cosine_matrix, info_nce_from_cos
 from clusterns.objective_config import ObjectiveConfig, ObjectiveConfigError
 
@@ -34,7 +34,8 @@ def _scalar(value: float, device: torch.device) -> Tensor:
 
 
 def compute_objective(z1: Tensor, z2: Tensor, state: ClusterState, cfg: ObjectiveConfig, step: int,
-                      rng: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
+                      rng: torch.Generator | None,
+                      autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of one step on the global batch and its statistics (DESIGN §4).
 
     Before initialisation (kmeans > 0): if ``avg = mean(cos(z1_i, z2_j))`` over the whole B x B
@@ -46,6 +47,12 @@ def compute_objective(z1: Tensor, z2: Tensor, state: ClusterState, cfg: Objectiv
     (second-nearest centroid) and the false-negative mask; loss = InfoNCE (with the hard
     negative block unless ``hard_negatives`` is off) + ``bml_weight`` * BML (not computed when
     ``bml_weight`` is 0). ``kmeans: 0`` is plain SimCSE on every step.
+
+    ``z1``/``z2`` come in the encoder's output dtype (float16 for the [CLS] + MLP embedding under
+    fp16 autocast); every cosine is computed in float32. With ``centroid_dtype: embedding`` the
+    centroids take ``z1``'s dtype and the official update arithmetic, whose sum is a matmul in
+    ``autocast_dtype`` (the dtype the training autocast gives matmuls; None: no autocast); with
+    ``float32`` they are float32 and updated exactly (:func:`clusterns.clustering.momentum_update`).
 
     Returns ``(loss, stats)``; ``stats`` (also stored as ``state.last_stats``) holds detached
     float32 scalar tensors on z1's device under :data:`STAT_KEYS`: loss, infonce, bml,
@@ -77,7 +84,8 @@ def compute_objective(z1: Tensor, z2: Tensor, state: ClusterState, cfg: Objectiv
             if rng is None:
                 raise ValueError("compute_objective needs a torch.Generator (rng) to pick the first centroid")
             first_index = torch.randint(b, (1,), generator=rng, device=rng.device)
-            state.centroids = init_centroids(z1, z2, cfg.kmeans, first_index)
+            dtype = z1.dtype if cfg.centroid_dtype == "embedding" else None
+            state.centroids = init_centroids(z1, z2, cfg.kmeans, first_index, dtype=dtype)
             state.started = True
             state.start_step = int(step)
     else:
@@ -106,7 +114,12 @@ def compute_objective(z1: Tensor, z2: Tensor, state: ClusterState, cfg: Objectiv
         centroids = centroids.to(device)
         z = z1.detach()
         # (a) assign, (b) momentum update
-        centroids = momentum_update(centroids, z, cfg.kmeans_lr, assignments=assign(z, centroids))
+        assignments = assign(z, centroids)
+        if cfg.centroid_dtype == "embedding":
+            centroids = momentum_update_official(centroids, z, cfg.kmeans_lr, assignments=assignments,
+                                                 matmul_dtype=autocast_dtype)
+        else:
+            centroids = momentum_update(centroids, z, cfg.kmeans_lr, assignments=assignments)
         state.centroids = centroids
         # (c) re-assign against the updated centroids; hard negatives = second-nearest centroid
         hard_cos = None

@@ -19,13 +19,14 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["ObjectiveConfig", "ObjectiveConfigError"]
+__all__ = ["ObjectiveConfig", "ObjectiveConfigError", "CENTROID_DTYPES"]
 
 
 class ObjectiveConfigError(ValueError):
     """A ClusterNS objective setting that cannot work; the message names the key and the fix."""
 
 
+CENTROID_DTYPES = ("embedding", "float32")
 _FLOAT_KEYS = ("temp", "kmeans_lr", "kmean_cosine", "hard_negative_weight", "bml_weight", "bml_alpha", "bml_beta")
 
 
@@ -38,7 +39,9 @@ class ObjectiveConfig:
     first step whose mean cross-view cosine is <= this. hard_negatives: append the
     second-nearest-centroid block to the logits. hard_negative_weight: added to that block's
     diagonal logits (ignored when hard negatives are off). bml_weight, bml_alpha, bml_beta:
-    weight and margins of the BML term (α/β ignored when bml_weight is 0).
+    weight and margins of the BML term (α/β ignored when bml_weight is 0). centroid_dtype:
+    ``embedding`` (official: centroids in the embedding's dtype, float16 under fp16 autocast,
+    updated with the official arithmetic) or ``float32`` (centroids in float32, updated exactly).
     """
 
     temp: float = 0.05
@@ -50,6 +53,7 @@ class ObjectiveConfig:
     bml_weight: float = 0.0
     bml_alpha: float = 0.0
     bml_beta: float = 0.0
+    centroid_dtype: str = "embedding"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "ObjectiveConfig":
@@ -75,6 +79,8 @@ class ObjectiveConfig:
                 if not isinstance(value, bool):
                     raise ObjectiveConfigError(f"hard_negatives must be true or false, got {value!r}")
                 values[key] = value
+            elif key == "centroid_dtype":
+                values[key] = value
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -92,6 +98,9 @@ class ObjectiveConfig:
         _as_int("kmeans", self.kmeans)
         if not isinstance(self.hard_negatives, bool):
             raise ObjectiveConfigError(f"hard_negatives must be true or false, got {self.hard_negatives!r}")
+        if self.centroid_dtype not in CENTROID_DTYPES:
+            raise ObjectiveConfigError(f"centroid_dtype must be one of {', '.join(CENTROID_DTYPES)} (embedding = the "
+                                       f"official float16-under-fp16 centroids), got {self.centroid_dtype!r}")
 
         if self.temp <= 0:
             raise ObjectiveConfigError(f"temp must be > 0 (the paper uses 0.05), got {self.temp}")

@@ -8,9 +8,11 @@ leases GPUs and builds that command). Semantics (DESIGN §4-5):
 * ``z1``/``z2`` are all-gathered (the local slice keeps its gradient), so the objective and the
   clustering see the global batch and are identical on every process;
 * the loss is multiplied by P before backward: DDP averages gradients over processes, so the
-  update equals the single-process update on the same global batch (clipping included);
-* STS-B dev (and SICK-R dev) every ``eval_steps`` on the main process; the best model by STS-B
-  dev is kept; ``early_stop`` evaluations without improvement stop the run;
+  gradient is that of the global loss L, whatever P is; ``max_grad_norm`` clips that gradient
+  (the official W-GPU runs clip ∇L / W at 1.0, i.e. ∇L at W: the paper config sets W per run);
+* STS-B dev (and SICK-R dev) every ``eval_steps`` on the main process (and at the last step only
+  with ``eval_at_end``); the best model by STS-B dev is kept; ``early_stop`` evaluations without
+  improvement stop the run (null: never, as SimCSE's own trainer);
 * model, optimizer, scheduler, scaler, every process' RNG, data position, clustering state and
   logs are checkpointed every ``save_steps`` to ``--state-dir`` (outside Snakemake's outputs); a
   rerun with the same hyperparameters resumes there and ends with the same result.
@@ -35,10 +37,11 @@ import torch
 from clusterns.files import atomic_path, sha256_file, write_json_atomic
 
 TRAIN_LOG_FIELDS = ["step", "loss", "infonce", "bml", "avg_cos", "clustering_started", "n_false_negative_pairs",
-                    "hard_negative_cos", "lr", "sentences_per_s"]
+                    "hard_negative_cos", "grad_norm", "lr", "sentences_per_s"]
 EVAL_LOG_FIELDS = ["step", "stsb_dev", "sickr_dev", "is_best", "seconds"]
 # Per-step statistics taken from the objective's stats dict, in TRAIN_LOG_FIELDS order.
-_STAT_KEYS = ["loss", "infonce", "bml", "avg_cos", "clustering_started", "n_false_negative_pairs", "hard_negative_cos"]
+_STAT_KEYS = ["loss", "infonce", "bml", "avg_cos", "clustering_started", "n_false_negative_pairs", "hard_negative_cos",
+              "grad_norm"]
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +161,11 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience is not None and self.bad_evals >= self.patience
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The dtype autocast gives matmuls under a resolved ``mixed_precision`` (None: no autocast)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
 
 
 def resolve_mixed_precision(setting: str, cuda: bool) -> str:
@@ -474,6 +482,12 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     eval_steps, save_steps, log_steps = int(tr["eval_steps"]), int(tr["save_steps"]), int(tr.get("log_steps", 10))
     pending: list[tuple[int, list[torch.Tensor], float]] = []
     nonfinite = torch.tensor(-1, device=accelerator.device)  # first step with a non-finite loss (no per-step sync)
+    rank_losses: list[float] = []  # this process' loss per step: every rank must see the same values
+    max_norm = tr.get("max_grad_norm", 1.0)
+    max_norm = math.inf if max_norm is None else float(max_norm)  # inf: the norm is measured, nothing clipped
+    matmul_dtype = autocast_dtype(mp)
+    eval_at_end = bool(tr.get("eval_at_end", False))
+    embedding_dtype = None
     t_last, steps_since = time.perf_counter(), 0
     progress = None
     if accelerator.is_main_process and sys.stderr.isatty():
@@ -492,6 +506,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
             return
         rate = steps_since * global_batch / max(time.perf_counter() - t_last, 1e-9)
         values = torch.stack([torch.stack(v) for _, v, _ in pending]).float().cpu().tolist()
+        rank_losses.extend(vals[0] for vals in values)
         rows = []
         for (step, _, lr), vals in zip(pending, values):
             row = {"step": step, **{k: f"{x:.6g}" for k, x in zip(_STAT_KEYS, vals)}}
@@ -511,11 +526,12 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         with accelerator.autocast():
             z1, z2 = _two_views(model, batch)
-        z1, z2 = gather_with_grad(z1.float(), accelerator), gather_with_grad(z2.float(), accelerator)
-        loss, stats = compute_objective(z1, z2, loop.cluster_state, obj_cfg, step, loop.rng)
+        embedding_dtype = z1.dtype  # float16 for [CLS] + MLP under fp16 autocast, as in the official runs
+        z1, z2 = gather_with_grad(z1, accelerator), gather_with_grad(z2, accelerator)
+        loss, stats = compute_objective(z1, z2, loop.cluster_state, obj_cfg, step, loop.rng, autocast_dtype=matmul_dtype)
         nonfinite = torch.where((nonfinite < 0) & ~torch.isfinite(loss.detach()), torch.tensor(step, device=nonfinite.device), nonfinite)
         accelerator.backward(loss * world)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        stats = {**stats, "grad_norm": accelerator.clip_grad_norm_(model.parameters(), max_norm)}
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -528,7 +544,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         last = step == steps
         if step % log_steps == 0 or step % eval_steps == 0 or step % save_steps == 0 or last:
             flush_logs()
-        if step % eval_steps == 0 or last:
+        if step % eval_steps == 0 or (last and eval_at_end):
             model.eval()
             evaluate(step)
             model.train()
@@ -552,6 +568,9 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         "best_step": loop.stopper.best_step, "best_stsb_dev": loop.stopper.best if loop.stopper.best_step else None,
         "clustering_start_step": loop.cluster_state.start_step, "packed": packed,
         "processes": world, "per_process_batch": local_batch, "global_batch": global_batch, "mixed_precision": mp,
+        "effective": effective_settings(tr, obj_cfg, world, mp, packed, embedding_dtype,
+                                        loop.cluster_state.centroids),
+        "ranks": _rank_records(accelerator, rank_losses, loop.cluster_state),
         "data": {"tokenized": str(data_dir), "sentences": len(ds), "source_sha256": data_stats.get("source_sha256"),
                  "tokenize_stats": data_stats},
         "model_source": str(model_dir), "wall_seconds": None,
@@ -580,6 +599,48 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def effective_settings(tr: dict, obj_cfg, processes: int, mixed_precision: str, packed: str,
+                       embedding_dtype: torch.dtype | None, centroids: torch.Tensor | None) -> dict:
+    """What decided this run's numbers, for ``run.json`` (README: "Differences from the official
+    code"): the resolved precision, clip norm, centroid precision and schedule switches."""
+    name = lambda d: None if d is None else str(d).replace("torch.", "")  # noqa: E731
+    max_norm = tr.get("max_grad_norm", 1.0)
+    matmul = autocast_dtype(mixed_precision)
+    return {
+        "processes": processes, "mixed_precision": mixed_precision,
+        "max_grad_norm": max_norm, "clipped_gradient": "of the global loss (the same for any process count)",
+        "optimizer": tr.get("optimizer", "adamw"), "early_stop": tr.get("early_stop"),
+        "eval_at_end": bool(tr.get("eval_at_end", False)),
+        "embedding_dtype": name(embedding_dtype), "autocast_matmul_dtype": name(matmul),
+        "centroid_dtype": obj_cfg.centroid_dtype if obj_cfg.kmeans else None,
+        "centroid_tensor_dtype": name(None if centroids is None else centroids.dtype),
+        "centroid_update": None if not obj_cfg.kmeans else
+        ("official arithmetic" if obj_cfg.centroid_dtype == "embedding" else "exact float32"),
+        "packed": packed,
+    }
+
+
+def _rank_records(accelerator, losses: list[float], cluster_state) -> list[dict]:
+    """Per process: a digest of its loss history and of its final centroids. Every process
+    computes the objective on the same gathered batch, so all records must be identical; a run
+    whose processes drifted apart says so (and the 2-process test asserts they do not)."""
+    from accelerate.utils import gather_object
+
+    c = cluster_state.centroids
+    record = {
+        "rank": accelerator.process_index, "steps_logged": len(losses),
+        "losses_sha256": hashlib.sha256(json.dumps(losses).encode()).hexdigest(),
+        "last_loss": losses[-1] if losses else None,
+        "centroids_sha256": None if c is None else hashlib.sha256(c.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest(),
+        "clustering_start_step": cluster_state.start_step,
+    }
+    records = gather_object([record]) if accelerator.num_processes > 1 else [record]
+    keys = ("losses_sha256", "centroids_sha256", "clustering_start_step")
+    if accelerator.is_main_process and any(any(r[k] != records[0][k] for k in keys) for r in records):
+        print("[clusterns.train] warning: the processes' losses or centroids differ (see run.json 'ranks')", flush=True)
+    return records
 
 
 def _scalar(x, device) -> torch.Tensor:
