@@ -4,7 +4,8 @@ include: "workflow/Snakefile"
 
 # Snakemake takes the default target from this file only (an include keeps its own), so the
 # workflow's `all` is named here once more.
-localrules: default
+localrules:
+    default,
 
 
 rule default:

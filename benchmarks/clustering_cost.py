@@ -20,10 +20,11 @@ from typing import Callable
 
 import torch
 
-from clusterns.clustering import (ClusterState, assign, false_negative_mask, init_centroids,
+from clusterns.method.clustering import (ClusterState, assign, false_negative_mask, init_centroids,
                                   momentum_update, nearest_two)
-from clusterns.losses import bml_loss, info_nce
-from clusterns.objective import ObjectiveConfig, compute_objective
+from clusterns.method.losses import bml_loss, info_nce
+from clusterns.method.objective import compute_objective
+from clusterns.method.settings import ObjectiveConfig
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:

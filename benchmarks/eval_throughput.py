@@ -3,7 +3,7 @@
 Both score the seven STS test sets (SimCSE/SentEval "test" protocol) with the same model (the
 packaged all-MiniLM-L6-v2, mean pooling = our ``avg``), precision (fp32), device and batch size:
 
-* ours:  ``clusterns.sts.score_tasks(tasks, hf_embedder(backbone, tokenizer, "avg", batch_size))``
+* ours:  ``clusterns.evaluation.sts.score_tasks(tasks, embedder(backbone, tokenizer, "avg", batch_size=...))``
          -- every distinct sentence of all tasks encoded once, in token-length-sorted batches,
          under ``torch.inference_mode``;
 * ST:    one ``EmbeddingSimilarityEvaluator(sentences1, sentences2, gold, main_similarity="cosine")``
@@ -11,7 +11,7 @@ packaged all-MiniLM-L6-v2, mean pooling = our ``avg``), precision (fp32), device
          over the concatenation of all subsets = SentEval's "all" setting; STS-B test; SICK-R test);
          ``max_seq_length`` raised to 512 so that, like ours, nothing is truncated.
 
-Both get the same parsed, normalised pairs (``clusterns.sts.load_tasks`` on the mirror's
+Both get the same parsed, normalised pairs (``clusterns.evaluation.sts.load_tasks`` on the mirror's
 senteval.tar extracted to a temporary folder); data loading and model loading are outside the
 timed region. By default both run at once in two threads that take turns batch by batch (a
 forward hook on each model ends a turn), so they see the same load on a shared machine; a
@@ -55,7 +55,7 @@ def truncate(tasks, max_pairs: int):
 def work(tasks, tokenizer, batch_size: int, max_len: int = 512) -> dict:
     """Load-independent encoder work of both systems: rows x padded length summed over batches.
 
-    Ours: the distinct sentences in ``clusterns.sts.length_batches`` order (token lengths). ST:
+    Ours: the distinct sentences in ``clusterns.evaluation.embedding.length_batches`` order (token lengths). ST:
     per evaluator call, ``sentences1`` and ``sentences2`` separately, sorted by character length
     (descending, as ``SentenceTransformer.encode`` does when it cannot flatten inputs), padded to the
     longest of each batch. Returned per system: sentences, real and padded tokens and sum(rows x
@@ -63,7 +63,8 @@ def work(tasks, tokenizer, batch_size: int, max_len: int = 512) -> dict:
     """
     import numpy as np
 
-    from clusterns.sts import distinct_sentences, length_batches
+    from clusterns.evaluation.embedding import length_batches
+    from clusterns.evaluation.sts import distinct_sentences
 
     def count(lengths_batches):
         rows = real = padded = sq = 0
@@ -87,10 +88,11 @@ def work(tasks, tokenizer, batch_size: int, max_len: int = 512) -> dict:
 
 
 def run_ours(tasks, backbone, tokenizer, batch_size: int, device: str) -> tuple[float, dict, int]:
-    from clusterns.sts import hf_embedder, score_tasks
+    from clusterns.evaluation.embedding import embedder
+    from clusterns.evaluation.sts import score_tasks
 
     t0 = time.perf_counter()
-    res = score_tasks(tasks, hf_embedder(backbone, tokenizer, "avg", batch_size=batch_size, device=device))
+    res = score_tasks(tasks, embedder(backbone, tokenizer, "avg", batch_size=batch_size, device=device))
     dt = time.perf_counter() - t0
     return dt, {t.name: res[t.name] for t in tasks}, res["meta"]["n_sentences"]
 
@@ -206,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from clusterns.data import unpack
-    from clusterns.encoder import load_backbone
-    from clusterns.sts import load_tasks
+    from clusterns.model.encoder import load_backbone
+    from clusterns.evaluation.sts import load_tasks
 
     model_dir = Path(args.model) if args.model else C.minilm_path()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     wo, ws = amount["ours"], amount["st"]
     print(C.table(["system", "median s", "runs (s)", "speed-up", "median CPU-s", "speed-up (CPU)", "sentences encoded",
                    "padded tokens", "real tokens"], [
-        ["ours (clusterns.sts)", f"{sec['ours']:.2f}", " ".join(f"{r['seconds']:.1f}" for r in runs if r["system"] == "ours"),
+        ["ours (clusterns.evaluation.sts)", f"{sec['ours']:.2f}", " ".join(f"{r['seconds']:.1f}" for r in runs if r["system"] == "ours"),
          f"{speed:.2f}x", f"{cpu['ours']:.1f}", f"{cpu['st'] / cpu['ours']:.2f}x", n_enc["ours"], f"{wo['padded_tokens']:,}",
          f"{wo['real_tokens']:,}"],
         ["sentence-transformers EmbeddingSimilarityEvaluator", f"{sec['st']:.2f}",

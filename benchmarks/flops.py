@@ -1,6 +1,6 @@
 """Hardware efficiency of one training step, phase by phase, against the measured matmul peak.
 
-The step is ours (``clusterns.encoder.SentenceEncoder`` + ``clusterns.objective.compute_objective``
+The step is ours (``clusterns.model.encoder.SentenceEncoder`` + ``clusterns.method.objective.compute_objective``
 + AdamW, exactly the operations of ``clusterns.train``'s loop body without accelerate/logging),
 on real batches of the mirror's Wikipedia lines (max length 32, dynamic padding as our collator).
 Interleaved in every repeat: the matmul peak (a large square ``torch.mm``; fp32 on CPU, bf16 on
@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from clusterns.clustering import ClusterState
-    from clusterns.encoder import SentenceEncoder, duplicate_views, load_backbone
-    from clusterns.objective import ObjectiveConfig, compute_objective
-    from clusterns.train import make_collate
+    from clusterns.method.clustering import ClusterState
+    from clusterns.model.encoder import SentenceEncoder, duplicate_views, load_backbone
+    from clusterns.method.objective import compute_objective
+    from clusterns.method.settings import ObjectiveConfig
+    from clusterns.training.data import make_collate
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

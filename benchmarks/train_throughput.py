@@ -390,7 +390,7 @@ def step_flops(lengths: list[int], shape: dict) -> tuple[float, int]:
 
 def bench_batch(batch: int, args, model_dir: Path, work: Path, shape: dict, sentences: list[str],
                 lengths: list[int], data_dir: Path) -> dict:
-    from clusterns.train import GlobalBatchSampler
+    from clusterns.training.data import GlobalBatchSampler
 
     cuda = args.device == "cuda"
     total = args.warmup + args.steps

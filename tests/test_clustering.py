@@ -1,4 +1,4 @@
-"""The modified K-means (DESIGN §4 steps 3, 4a-d). Expected values are worked out by hand in
+"""The modified K-means (docs/method.md steps 3, 4a-d). Expected values are worked out by hand in
 the comments on tiny 2-D/4-D vectors, independently of the implementation."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterns.clustering import (ClusterState, assign, false_negative_mask, greedy_init_indices,
+from clusterns.method.clustering import (ClusterState, assign, false_negative_mask, greedy_init_indices,
                                   hard_negatives, init_centroids, momentum_update, momentum_update_official,
                                   nearest_two)
 
@@ -274,7 +274,7 @@ def embedding_batches(steps: int, dtype: torch.dtype, b: int = 48, d: int = 16):
 
 @pytest.mark.parametrize("lr", [1e-3, 5e-4, 0.05])
 def test_float16_centroids_follow_the_official_update_bit_for_bit(lr):
-    from clusterns.objective import ObjectiveConfig, compute_objective
+    from clusterns.method.objective import ObjectiveConfig, compute_objective
 
     cfg = ObjectiveConfig(kmeans=8, kmeans_lr=lr, kmean_cosine=1.0, centroid_dtype="embedding")
     state, rng = ClusterState(), torch.Generator().manual_seed(0)
@@ -305,7 +305,7 @@ def test_float16_rounding_loses_part_of_a_small_momentum_step():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_float32_centroids_follow_the_exact_update_bit_for_bit(dtype):
-    from clusterns.objective import ObjectiveConfig, compute_objective
+    from clusterns.method.objective import ObjectiveConfig, compute_objective
 
     cfg = ObjectiveConfig(kmeans=8, kmeans_lr=1e-3, kmean_cosine=1.0, centroid_dtype="float32")
     state, rng = ClusterState(), torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ import pytest
 
 from clusterns import data
 from clusterns.data import DataError, fetch, fetch_backbone, main, resolve_local_backbone, resolve_source, unpack
-from clusterns.files import sha256_file
+from clusterns.utils.files import sha256_file
 
 UPSTREAM = "https://huggingface.co/datasets/princeton-nlp/datasets-for-simcse/resolve/main"
 WIKI_LINES = 11_914

@@ -1,4 +1,4 @@
-"""InfoNCE and BML (DESIGN §4 steps 1, 4e, 4f): literal values on tiny inputs, equality with an
+"""InfoNCE and BML (docs/method.md steps 1, 4e, 4f): literal values on tiny inputs, equality with an
 explicitly built logits matrix, float64 gradchecks and low-precision behaviour."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clusterns.losses import bml_loss, cosine_matrix, info_nce
+from clusterns.method.losses import bml_loss, cosine_matrix, info_nce
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,4 +1,4 @@
-"""Composition of the ClusterNS objective (DESIGN §4 steps 2-4g) and its config validation."""
+"""Composition of the ClusterNS objective (docs/method.md steps 2-4g) and its config validation."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-import clusterns.objective as objective
-from clusterns.clustering import (ClusterState, assign, false_negative_mask, hard_negatives,
+import clusterns.method.objective as objective
+from clusterns.method.clustering import (ClusterState, assign, false_negative_mask, hard_negatives,
                                   init_centroids, momentum_update)
-from clusterns.losses import bml_loss, cosine_matrix, info_nce
-from clusterns.objective import STAT_KEYS, ObjectiveConfig, ObjectiveConfigError, compute_objective
+from clusterns.method.losses import bml_loss, cosine_matrix, info_nce
+from clusterns.method.objective import STAT_KEYS, ObjectiveConfig, ObjectiveConfigError, compute_objective
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

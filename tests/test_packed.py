@@ -1,4 +1,4 @@
-"""The padding-free training forward (clusterns.packed) against the HF forward it replaces."""
+"""The padding-free training forward (clusterns.model.packed) against the HF forward it replaces."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from clusterns import packed
-from clusterns.encoder import POOLERS, SentenceEncoder, duplicate_views, load_backbone
-from clusterns.packed import check_against_hf, packed_forward, token_index, unsupported_reason
+from clusterns.model import packed
+from clusterns.model.encoder import POOLERS, SentenceEncoder, duplicate_views, load_backbone
+from clusterns.model.packed import check_against_hf, packed_forward, token_index, unsupported_reason
 from conftest import FLOAT32_SCALE_TOL, FLOAT64_SCALE_TOL, assert_close_on_scale, make_tiny_bert, make_tiny_roberta
 
 

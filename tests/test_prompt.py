@@ -1,4 +1,4 @@
-"""Prompt-based ClusterNS (clusterns.prompt): templates, token assembly, denoising, encoder, embedders.
+"""Prompt-based ClusterNS (clusterns.model.prompt): templates, token assembly, denoising, encoder, embedders.
 
 Tiny random models only. Real-vocabulary checks use the packaged MiniLM tokenizer (the uncased
 BERT word-piece vocabulary). For RoBERTa a tiny byte-level BPE whose merges spell the template
@@ -17,11 +17,11 @@ from conftest import assert_close_on_scale, make_bpe_roberta
 import torch
 from torch import nn
 
-from clusterns.prompt import (PROMPT_CONFIG_FILE, TEMPLATES, PromptEncoder, Template, assemble, check_prefix_lengths,
-                              delta_position_ids, detect_family, embedder_from_config, encode_prompt,
-                              format_test_sentence, load_prompt_config, make_prompt_collate, prompt_config,
-                              prompt_embedder, save_prompt_config, sentence_only_ids, sentence_position_ids,
-                              template_deltas, template_pair)
+from clusterns.evaluation.embedding import Embedder, embedder, prompt_embedder
+from clusterns.model.prompt import (PROMPT_CONFIG_FILE, TEMPLATES, PromptEncoder, Template, assemble,
+                                    check_prefix_lengths, delta_position_ids, detect_family, format_test_sentence,
+                                    load_prompt_config, make_prompt_collate, prompt_config, save_prompt_config,
+                                    sentence_only_ids, sentence_position_ids, template_deltas, template_pair)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,7 +43,7 @@ def _tok(path):
 
 
 def _backbone(path, dropout=None):
-    from clusterns.encoder import load_backbone
+    from clusterns.model.encoder import load_backbone
 
     return load_backbone(path, dropout=dropout)
 
@@ -97,7 +97,7 @@ def test_roberta_template_tokens_and_stripping(bpe_roberta, tiny_roberta):
     assert tok.convert_ids_to_tokens(list(t2.tau))[1] == "The"
     for t in (t1, t2):
         assert len(t.prefix_ns) == 4 and len(t.suffix_ns) == 4 and t.length == 10 and t.tau_mask_index == 7
-    # Training: the sentence alone, so its first word has no Ġ (A.1.3).
+    # Training: the sentence alone, so its first word has no Ġ (docs/prompt.md §1.3).
     assert tok.convert_ids_to_tokens(sentence_only_ids(tok, ["a man is playing"])[0]) == ["a", "Ġman", "Ġis", "Ġplaying"]
     # Merge-less byte-level BPE: the identity holds with character-level sizes.
     char = _tok(tiny_roberta)
@@ -288,8 +288,8 @@ def test_prefix_length_guard(tiny_bert):
 
 @pytest.mark.parametrize("which", ["bert", "roberta"])
 def test_training_steps_with_clustering_and_gradient_through_delta(which, tiny_bert, bpe_roberta):
-    from clusterns.clustering import ClusterState
-    from clusterns.objective import ObjectiveConfig, compute_objective
+    from clusterns.method.clustering import ClusterState
+    from clusterns.method.objective import ObjectiveConfig, compute_objective
 
     path = tiny_bert if which == "bert" else bpe_roberta
     tok = _tok(path)
@@ -352,7 +352,7 @@ def test_template_deltas_carry_gradient(tiny_bert):
 
 @pytest.mark.parametrize("which", ["bert", "roberta"])
 def test_eval_embedders_and_no_mlp(which, tiny_bert, bpe_roberta):
-    from clusterns.sts import PairSet, STSTask, score_tasks
+    from clusterns.evaluation.sts import PairSet, STSTask, score_tasks
 
     path = tiny_bert if which == "bert" else bpe_roberta
     tok = _tok(path)
@@ -372,7 +372,7 @@ def test_eval_embedders_and_no_mlp(which, tiny_bert, bpe_roberta):
         last = backbone(**enc).last_hidden_state[0]
         pos = (enc["input_ids"][0] == t1.mask_id).nonzero().item()
     assert_close_on_scale(outs["raw"][0], last[pos].numpy())  # batched (padded) vs alone
-    assert encode_prompt(backbone, tok, t1, [], "raw").shape == (0, 32)
+    assert prompt_embedder(backbone, tok, t1, "raw")([]).shape == (0, 32)
     # The MLP is not used in eval mode.
     model = PromptEncoder(backbone, t1, t2).eval()
     ids, mask = assemble(sentence_only_ids(tok, texts, max_len=None), t1)
@@ -381,7 +381,7 @@ def test_eval_embedders_and_no_mlp(which, tiny_bert, bpe_roberta):
         nn.init.normal_(model.mlp.dense.weight, std=5.0)
         assert torch.equal(model(ids, mask), before)
     assert_close_on_scale(before.numpy(), outs["denoised"])  # one batch vs batches of 2
-    assert_close_on_scale(model.embedder(tok)(texts), outs["denoised"])
+    assert_close_on_scale(Embedder(model.mask_encoder(tok))(texts), outs["denoised"])
     # score_tasks accepts the embedder.
     pairs = PairSet("toy", tuple(texts[:3]), tuple(texts[2:5]), (1.0, 3.0, 2.0))
     res = score_tasks([STSTask("STSBenchmark", (pairs,))], prompt_embedder(backbone, tok, t1, "raw"))
@@ -398,7 +398,7 @@ def test_prompt_config_roundtrip(tiny_bert, tmp_path):
     assert load_prompt_config(tmp_path) is None
     save_prompt_config(tmp_path, cfg)
     assert (tmp_path / PROMPT_CONFIG_FILE).is_file() and load_prompt_config(tmp_path) == cfg
-    a = embedder_from_config(backbone, tok, cfg)(SENTENCES[:2])
+    a = embedder(backbone, tok, "mask", prompt=cfg)(SENTENCES[:2])
     b = prompt_embedder(backbone, tok, t1, "raw")(SENTENCES[:2])
     assert np.array_equal(a, b)
     (tmp_path / PROMPT_CONFIG_FILE).write_text(json.dumps({**cfg, "protocol": "avg"}))

@@ -266,7 +266,7 @@ def test_pipeline_through_slurm_equals_local_run(tmp_path, tiny_bert, mirror, sl
         assert logs, f"no SLURM log for job {slurm_id} ({rule})"
     assert {r: len(ids) for r, ids in by_rule.items()} == expected
     # training (the run's training.gpus) and evaluation asked SLURM for a GPU; the test node's GPUs
-    # are fake, so clusterns.launch and clusterns.sts find no CUDA device and use the CPU
+    # are fake, so clusterns.launch and clusterns.evaluation.sts find no CUDA device and use the CPU
     for slurm_id in by_rule["train"] + by_rule["evaluate"]:
         show = subprocess.run(["scontrol", "show", "job", slurm_id], capture_output=True, text=True,
                               env={**os.environ, **slurm_cluster}).stdout

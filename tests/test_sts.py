@@ -14,8 +14,9 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from clusterns import sts
-from clusterns.encoder import POOLERS
+from clusterns.evaluation import embedding, sts
+from clusterns.evaluation.base import json_safe
+from clusterns.model.encoder import POOLERS
 from conftest import assert_close_on_scale
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "sts_fixture"
@@ -241,10 +242,10 @@ def test_cosine_rows_like_senteval():
 
 
 def test_length_batches():
-    batches = sts.length_batches([3, 9, 1, 9, 5], 2)
+    batches = embedding.length_batches([3, 9, 1, 9, 5], 2)
     assert batches == [[1, 3], [4, 0], [2]]
     with pytest.raises(ValueError):
-        sts.length_batches([1], 0)
+        embedding.length_batches([1], 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_length_batches():
 def _bert(tiny_bert):
     from transformers import AutoTokenizer
 
-    from clusterns.encoder import load_backbone
+    from clusterns.model.encoder import load_backbone
 
     return load_backbone(tiny_bert), AutoTokenizer.from_pretrained(tiny_bert)
 
@@ -288,7 +289,7 @@ def _manual(model, tok, pooler: str, sentence: str) -> torch.Tensor:
 def test_poolers_match_manual_computation(bert, pooler):
     model, tok = bert
     model.eval()
-    embed = sts.hf_embedder(model, tok, pooler, batch_size=3)
+    embed = embedding.embedder(model, tok, pooler, batch_size=3)
     sentences = ["a man is playing guitar", "two people", "the dog runs on the grass with a cat", "x"]
     emb = embed(sentences)
     assert emb.dtype == np.float32 and emb.shape == (4, model.config.hidden_size)
@@ -299,10 +300,10 @@ def test_poolers_match_manual_computation(bert, pooler):
 def test_roberta_backbone(tiny_roberta):
     from transformers import AutoTokenizer
 
-    from clusterns.encoder import load_backbone
+    from clusterns.model.encoder import load_backbone
 
     model, tok = load_backbone(tiny_roberta), AutoTokenizer.from_pretrained(tiny_roberta)
-    emb = sts.hf_embedder(model, tok, "avg_first_last", batch_size=2)(["a man", "a woman is here", "hi"])
+    emb = embedding.embedder(model, tok, "avg_first_last", batch_size=2)(["a man", "a woman is here", "hi"])
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
     assert_close_on_scale(emb[1], _manual(model, tok, "avg_first_last", "a woman is here").numpy())
 
@@ -310,7 +311,7 @@ def test_roberta_backbone(tiny_roberta):
 def test_dropout_off_and_mode_restored(bert):
     model, tok = bert
     model.train()
-    embed = sts.hf_embedder(model, tok, "cls_before_pooler")
+    embed = embedding.embedder(model, tok, "cls_before_pooler")
     first, second = embed(["a cat runs", "the man"]), embed(["a cat runs", "the man"])
     assert model.training
     np.testing.assert_array_equal(first, second)
@@ -326,9 +327,9 @@ def test_length_batching_equals_one_by_one_encoding(bert, fixture_tasks, pooler,
     model, tok = bert
     model.eval()
     sentences = sts.distinct_sentences(fixture_tasks)
-    batched = sts.hf_embedder(model, tok, pooler, batch_size=16)(sentences)
+    batched = embedding.embedder(model, tok, pooler, batch_size=16)(sentences)
     for i, sentence in enumerate(sentences):
-        alone = sts.encode(model, tok, [sentence], pooler, batch_size=1).numpy()[0]
+        alone = embedding.embedder(model, tok, pooler, batch_size=1)([sentence])[0]
         assert_close_on_scale(batched[i], alone, msg=sentence)
 
 
@@ -439,7 +440,7 @@ def test_real_data_dev_mode_minilm(minilm, senteval_dir, tmp_path, capsys):
 
 
 def test_non_finite_scores_become_null_in_json():
-    assert sts._json_safe({"a": float("nan"), "b": [1.5, float("inf")], "c": "x"}) == {"a": None, "b": [1.5, None],
+    assert json_safe({"a": float("nan"), "b": [1.5, float("inf")], "c": "x"}) == {"a": None, "b": [1.5, None],
                                                                                       "c": "x"}
 
 
@@ -449,8 +450,8 @@ def test_cuda_autocast_close_to_fp32(bert, dtype):
     model, tok = bert
     model.to("cuda").eval()
     try:
-        ref = sts.hf_embedder(model, tok, "avg", device="cuda")(["a man is playing guitar", "two dogs"])
-        low = sts.hf_embedder(model, tok, "avg", device="cuda", dtype=dtype)(["a man is playing guitar", "two dogs"])
+        ref = embedding.embedder(model, tok, "avg", device="cuda")(["a man is playing guitar", "two dogs"])
+        low = embedding.embedder(model, tok, "avg", device="cuda", dtype=dtype)(["a man is playing guitar", "two dogs"])
     finally:
         model.to("cpu")
     assert low.dtype == np.float32

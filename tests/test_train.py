@@ -16,8 +16,9 @@ import torch
 
 from clusterns import launch
 from conftest import assert_close_on_scale
-from clusterns.train import (EarlyStopping, GlobalBatchSampler, TrainingError, make_collate, per_process_batch,
-                             total_steps)
+from clusterns.training import TrainingError
+from clusterns.training.data import GlobalBatchSampler, make_collate, per_process_batch, total_steps
+from clusterns.training.selection import EarlyStopping
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -227,11 +228,11 @@ def test_official_clipping_rule_under_two_processes(tokenized):
     own slice, DDP averages, so the optimizer sees grad(L) / 2 and clips that at 1.0. Ours with
     ``max_grad_norm: 2`` clips grad(L) at 2, i.e. exactly 2x the official clipped gradient (a
     factor AdamW ignores); with SGD the update shows the gradient, so it is compared directly."""
-    from clusterns.clustering import ClusterState
-    from clusterns.encoder import SentenceEncoder, load_backbone
-    from clusterns.objective import ObjectiveConfig, compute_objective
+    from clusterns.method.clustering import ClusterState
+    from clusterns.model.encoder import SentenceEncoder, load_backbone
+    from clusterns.method.objective import ObjectiveConfig, compute_objective
     from clusterns.tokenize import load_tokenized
-    from clusterns.train import TokenizedSentences
+    from clusterns.training.data import TokenizedSentences
 
     lr, world = 0.05, 2
     hp = hparams(pooler="avg", eval_pooler="avg", objective={"kmeans": 0, "bml_weight": 0.0},
@@ -373,8 +374,8 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_nothing(tokenized):
 def test_prompt_training_runs_with_clustering_and_exports_its_template(tmp_path, mirror, family):
     from conftest import make_bpe_roberta, make_tiny_bert
 
-    from clusterns import sts
-    from clusterns.prompt import load_prompt_config
+    from clusterns.evaluation import sts
+    from clusterns.model.prompt import load_prompt_config
     from clusterns.tokenize import tokenize_to_disk
 
     make = make_tiny_bert if family == "bert" else make_bpe_roberta  # BPE merges keep both prefixes 4 tokens
@@ -430,3 +431,33 @@ def test_prompt_training_two_processes_equal_one(minilm_data):
 def test_prompt_run_refuses_a_full_format_cache(tokenized):
     res = run_stage(tokenized, "wrongcache", hparams(pooler="mask", eval_pooler="mask", prompt={}))
     assert res.returncode != 0 and "--sentence-only" in res.stderr
+
+
+@pytest.mark.parametrize("prompt", [False, True], ids=["cls", "prompt"])
+def test_exported_model_describes_its_pooler(tmp_path, mirror, prompt):
+    """An exported model carries its evaluation pooler (and template): scored without --pooler it
+    gives exactly the scores of the explicit pooler."""
+    from conftest import make_tiny_bert
+
+    from clusterns import poolers
+    from clusterns.evaluation import sts
+    from clusterns.tokenize import tokenize_to_disk
+
+    make_tiny_bert(tmp_path / "model")
+    lines = (mirror / "wiki1m_for_simcse.txt").read_text(encoding="utf-8").splitlines()[:64]
+    (tmp_path / "wiki.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenize_to_disk(tmp_path / "model", tmp_path / "wiki.txt", tmp_path / "tok", max_length=32, sentence_only=prompt)
+    extra = {"pooler": "mask", "eval_pooler": "mask", "prompt": {}} if prompt else {}
+    res = run_stage(tmp_path, "run", hparams(training={"max_steps": 2}, **extra))
+    assert res.returncode == 0, res.stdout + res.stderr
+    exported = tmp_path / "run/run/model"
+    declared = poolers.read_model_pooler(exported)
+    assert declared == ("mask" if prompt else "cls_before_pooler")
+    fixture = Path(__file__).resolve().parent / "data" / "sts_fixture"
+    counts = {t: None for t in sts.TASKS["test"]}
+    implicit = sts.evaluate(exported, None, fixture, "test", expected_counts=counts)
+    explicit = sts.evaluate(exported, declared, fixture, "test", expected_counts=counts)
+    assert implicit["meta"]["pooler"] == declared
+    for task in sts.TASKS["test"]:
+        assert implicit[task] == explicit[task], task
+    assert implicit.get("other_protocols") == explicit.get("other_protocols")

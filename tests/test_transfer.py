@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from clusterns import transfer as T
 from clusterns.data import unpack
+from clusterns.evaluation import transfer as T
 
 REAL_COUNTS = {"MR": {"all": 10662}, "CR": {"all": 3775}, "SUBJ": {"all": 10000}, "MPQA": {"all": 10606},
                "SST2": {"train": 67349, "dev": 872, "test": 1821}, "TREC": {"train": 5452, "test": 500},
@@ -152,7 +152,7 @@ def test_fit_refuses_bad_input():
 
 
 def test_grid_rounding_and_first_best_tie():
-    scores, best = T._grid([[0.5, 0.6], [0.55, 0.55], [0.4, 0.7]])
+    scores, best = T.grid([[0.5, 0.6], [0.55, 0.55], [0.4, 0.7]])
     assert scores == [55.0, 55.0, 55.0] and best == 0  # ties go to the smallest reg
     assert T.REGS == (1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -199,7 +199,7 @@ def test_fold_assignment_same_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    code = ("import json; from clusterns.transfer import stratified_folds; "
+    code = ("import json; from clusterns.evaluation.transfer import stratified_folds; "
             f"print(json.dumps(stratified_folds({PINNED_LABELS}, 3).tolist()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == T.stratified_folds(PINNED_LABELS, 3).tolist()

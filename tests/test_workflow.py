@@ -1,10 +1,13 @@
-"""The Snakemake workflow: config validation, the run grid, dry runs of the demo and the paper
-grid, and (slow) the demo pipeline end to end with the HTML report."""
+"""The Snakemake workflow: config validation, the run grid, the workflow's own code (formatting,
+lint, the sources and software of each rule), dry runs of the demo and the paper grid, and
+(slow) the demo pipeline end to end with the HTML report, then what a code change or a move of
+the finished project reruns."""
 
 from __future__ import annotations
 
 import copy
 import json
+import modulefinder
 import os
 import re
 import shutil
@@ -26,11 +29,12 @@ def load(name: str) -> dict:
     return cfg.load(ROOT / "config" / name)
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path, env: dict | None = None, timeout: int = 300):
-    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), *args, f"--configfile={configfile}"]
+def snakemake(workdir: Path, *args: str, configfile: Path, env: dict | None = None, timeout: int = 300,
+              snakefile: Path = ROOT / "Snakefile", cwd: Path | None = None):
+    cmd = [*SNAKEMAKE, "-s", str(snakefile), "-d", str(workdir), *args, f"--configfile={configfile}"]
     full_env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})}
     full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
 def write_config(tmp_path: Path, data: dict) -> Path:
@@ -97,7 +101,7 @@ def test_settings_precedence_and_sweeps():
 
 def test_paper_grid_hyperparameters_match_design():
     runs = {(r.method, r.backbone): r for r in cfg.expand_runs(load("config.yaml"))}
-    expect = {  # DESIGN §5: global batch, gpus, lr, K, kmeans_lr, kmean_cosine, bml weight / alpha / beta
+    expect = {  # the ClusterNS README table: global batch, gpus, lr, K, kmeans_lr, kmean_cosine, bml weight / alpha / beta
         "bert-base": (256, 1, 5e-5, 128, 1e-3, 0.4, 1e-3, 0.0, 0.3),
         "bert-large": (512, 4, 5e-5, 128, 1e-3, 0.5, 5e-5, 0.25, 0.3),
         "roberta-base": (512, 2, 5e-5, 128, 1e-3, 0.4, 1e-4, 0.2, 0.5),
@@ -147,6 +151,134 @@ def test_paper_grid_reproduces_the_official_schedule_clipping_and_precision():
     # and the hparams handed to the trainer carry them
     hp = by[("clusterns", "roberta-large")].hparams({})
     assert hp["training"]["max_grad_norm"] == 4.0 and hp["objective"]["centroid_dtype"] == "embedding"
+
+
+# ------------------------------------------------------------------------------------------------
+# The workflow's own code
+
+
+def test_workflow_files_are_snakefmt_formatted():
+    res = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert "No module named snakefmt" not in res.stderr, "snakefmt is missing: pip install -e '.[test]'"
+    assert res.returncode == 0, f"run `snakefmt Snakefile workflow/`:\n{res.stdout}{res.stderr}"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "demo.yaml"])
+def test_snakemake_lint_is_clean(tmp_path, name):
+    res = snakemake(tmp_path, "--lint", configfile=ROOT / "config" / name)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "Lints for" not in out, out
+
+
+# What each rule's command runs (`python -m clusterns.<stage>`; clusterns.launch starts
+# clusterns.train). Checked against the commands below; a new rule with code inputs must be added.
+RULE_STAGES = {
+    "fetch_wiki": ("data",), "fetch_senteval": ("data",), "unpack_senteval": ("data",),
+    "fetch_backbone": ("data",), "fetch_released": ("data",), "tokenize": ("tokenize",),
+    "train": ("launch", "train"), "evaluate": ("sts",), "evaluate_base": ("sts",), "evaluate_released": ("sts",),
+    "transfer": ("transfer",), "transfer_table": ("transfer",), "tables": ("report",), "plots": ("report",),
+    "partial_report": ("report",), "report_manifest": (), "fetch_clustering": ("data",),
+    "cluster_eval": ("cluster_eval",), "cluster_eval_base": ("cluster_eval",), "cluster_eval_released": ("cluster_eval",),
+    "clustering_table": ("cluster_eval",),
+}
+# Rules that list no code: downloads (fixed by their checksums and pinned revisions), the
+# manifest (a printf of a param), and partial_report (reruns every time).
+UNTRACKED = {"fetch_wiki", "fetch_senteval", "unpack_senteval", "fetch_backbone", "fetch_released", "report_manifest",
+             "partial_report", "fetch_clustering"}
+
+
+def stage_imports(stages: tuple[str, ...]) -> tuple[set[Path], set[str]]:
+    """The package files and the third-party top-level packages that ``python -m clusterns.<stage>``
+    can import, as Python's own modulefinder sees them (it scans the bytecode of every function
+    too): an oracle independent of the workflow's derivation from the syntax tree."""
+    finder = modulefinder.ModuleFinder(path=[str(ROOT / "src")])
+    for stage in stages:
+        finder.import_hook(f"clusterns.{stage}")
+    ours = {Path(m.__file__).resolve() for m in finder.modules.values() if m.__file__}
+    tops = {name.split(".")[0] for name in finder.badmodules}
+    return ours, tops - set(sys.stdlib_module_names) - {"__future__", "clusterns"}
+
+
+def dry_run_jobs(stdout: str) -> list[tuple[str, list[str], str]]:
+    """(rule, inputs, shell command) of every job of a `snakemake -n -p` listing."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", stdout)[1:]:
+        rule = re.match(r"(?:local)?rule (\w+):", block).group(1)
+        inputs = re.search(r"^    input: (.*)$", block, re.M)
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        jobs.append((rule, inputs.group(1).split(", ") if inputs else [], shell.group(1) if shell else ""))
+    return jobs
+
+
+def test_each_rule_lists_the_sources_its_stage_imports_relative_to_the_workdir(tmp_path, mirror):
+    """The `code` inputs of every job are exactly the files its stage can import (directly or
+    not, at the top of a module or inside a function), named relative to the working directory."""
+    c = load("demo.yaml")
+    c["transfer"] = {"enabled": True}
+    c["released"] = {"r": {"model": "org/model", "method": "simcse", "backbone": "minilm", "pooler": "avg"}}
+    c["backbones"]["hub"] = {"model": "org/bert", "family": "bert"}  # a base row: fetch_backbone
+    res = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path, c), env={"CLUSTERNS_MIRROR": str(mirror)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    jobs = dry_run_jobs(res.stdout)
+    checked = set()
+    for rule, inputs, shell in jobs:
+        if rule == "default":
+            continue
+        assert rule in RULE_STAGES, f"rule {rule}: add what it runs to RULE_STAGES"
+        stages = RULE_STAGES[rule]
+        if stages:
+            assert f"python -m clusterns.{stages[0]} " in shell, (rule, shell)
+        code = [p for p in inputs if p.endswith(".py")]
+        for p in inputs:  # relative, but for what lies outside the working directory (the package's model)
+            assert not os.path.isabs(p) or not (Path(p).is_relative_to(tmp_path) or p.endswith((".py", ".csv"))), \
+                (rule, p)
+        expected = set() if rule in UNTRACKED else stage_imports(stages)[0]
+        assert {(tmp_path / p).resolve() for p in code} == expected, rule
+        checked.add(rule)
+    assert checked >= set(RULE_STAGES) - {"partial_report"}, set(RULE_STAGES) - checked
+    train = stage_imports(("launch", "train"))[0]
+    for module in ("method/losses.py", "model/packed.py", "method/settings.py", "model/prompt.py"):
+        assert ROOT / "src/clusterns" / module in train, module  # imported indirectly or inside functions
+
+
+def rule_envs() -> dict[str, Path]:
+    """Rule name -> its conda env file, read from the (snakefmt-formatted) rule files; a
+    `use rule a as b with:` that names none keeps a's."""
+    envs, bases = {}, {}
+    for smk in [ROOT / "Snakefile", *sorted((ROOT / "workflow").rglob("*.smk")), ROOT / "workflow" / "Snakefile"]:
+        for block in re.split(r"\n(?=\S)", smk.read_text()):
+            head = re.match(r"(?:rule (\w+):|use rule (\w+) as (\w+) with:)", block)
+            if not head:
+                continue
+            name = head.group(1) or head.group(3)
+            if head.group(2):
+                bases[name] = head.group(2)
+            conda = re.search(r"^    conda:\n        \"([^\"]+)\"", block, re.M)
+            if conda:
+                envs[name] = (smk.parent / conda.group(1)).resolve()
+    for name, base in bases.items():
+        envs.setdefault(name, envs.get(base))
+    return envs
+
+
+# import name -> the names its package has on conda-forge / PyPI (normalised: lower case, "_")
+PACKAGE_NAMES = {"torch": {"pytorch", "torch"}, "yaml": {"pyyaml"}, "sklearn": {"scikit_learn"},
+                 "matplotlib": {"matplotlib", "matplotlib_base"}, "PIL": {"pillow"}}
+
+
+def test_each_rules_conda_env_has_what_its_stage_imports():
+    envs = rule_envs()
+    assert set(RULE_STAGES) <= set(envs), set(RULE_STAGES) - set(envs)
+    for rule, stages in RULE_STAGES.items():
+        env = envs[rule]
+        assert env.is_file() and env.parent == ROOT / "workflow" / "envs", (rule, env)
+        deps = yaml.safe_load(env.read_text())["dependencies"]
+        specs = [d for d in deps if isinstance(d, str)] + [p for d in deps if isinstance(d, dict) for p in d["pip"]]
+        names = {re.split(r"[<>=!~ \[]", s, maxsplit=1)[0].lower().replace("-", "_") for s in specs}
+        assert "python" in names, env
+        for top in stage_imports(stages)[1]:
+            assert PACKAGE_NAMES.get(top, {top.lower()}) & names, f"{env.name} (rule {rule}) lacks {top}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,30 +347,114 @@ def test_paper_grid_dry_run_lists_every_job_with_its_gpus(tmp_path):
 # End to end
 
 
-@pytest.mark.slow
-def test_demo_pipeline_end_to_end(tmp_path, mirror):
-    env = {"CLUSTERNS_MIRROR": str(mirror)}
-    demo = ROOT / "config" / "demo.yaml"
-    res = snakemake(tmp_path, "--cores", "2", configfile=demo, env=env, timeout=3600)
+PROJECT = ("Snakefile", "workflow", "config", "src", "profiles")  # what a run needs from the checkout
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    """``cp -a``: the same files with the same mtimes."""
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+def project_snakemake(project: Path, *args: str, env: dict | None = None, timeout: int = 300):
+    """Snakemake in a project folder, as a user runs it there: its own Snakefile, config and src/."""
+    return snakemake(project, *args, configfile=project / "config" / "demo.yaml", env=env, timeout=timeout,
+                     snakefile=project / "Snakefile", cwd=project)
+
+
+@pytest.fixture(scope="module")
+def finished_demo(tmp_path_factory, mirror) -> Path:
+    """The CPU demo (~10 min on 2 cores), run once for the slow tests below (only they use it), in
+    a copy of the project tree: every source the DAG tracks lies in the copy, and the jobs import
+    the copy's src/. Tests that change anything work on a copy of it, so any order passes."""
+    project = tmp_path_factory.mktemp("demo") / "project"
+    project.mkdir()
+    for name in PROJECT:
+        copy_tree(ROOT / name, project / name)
+    res = project_snakemake(project, "--cores", "2", env={"CLUSTERNS_MIRROR": str(mirror)}, timeout=3600)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
-    main_md = (tmp_path / "results/tables/main.md").read_text()
+    return project
+
+
+def rerun_jobs(project: Path, mirror: Path) -> Counter:
+    res = project_snakemake(project, "-n", env={"CLUSTERNS_MIRROR": str(mirror)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    return Counter() if "Nothing to be done" in out else job_counts(out)
+
+
+def append_comment(path: Path) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("# edited\n")
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(finished_demo, mirror):
+    env = {"CLUSTERNS_MIRROR": str(mirror)}
+    main_md = (finished_demo / "results/tables/main.md").read_text()
     for row in ("base", "SimCSE", "ClusterNS"):
         assert row in main_md
     for plot in ("avg_sts", "training_curves"):
         for ext in ("png", "pdf"):
-            assert (tmp_path / f"results/plots/{plot}.{ext}").stat().st_size > 1000
+            assert (finished_demo / f"results/plots/{plot}.{ext}").stat().st_size > 1000
     for method in ("simcse", "clusterns"):
-        run = tmp_path / f"results/runs/{method}/minilm/seed42"
+        run = finished_demo / f"results/runs/{method}/minilm/seed42"
         for name in ("model/config.json", "model/modules.json", "train_log.csv", "eval_log.csv", "run.json",
                      "sts_test.json"):
             assert (run / name).exists(), name
     # Nothing left to do: a rerun is a no-op
-    again = snakemake(tmp_path, "-n", configfile=demo, env=env)
+    again = project_snakemake(finished_demo, "-n", env=env)
     assert "Nothing to be done" in again.stdout + again.stderr
-    report = snakemake(tmp_path, "--report", str(tmp_path / "results/report.html"), configfile=demo, env=env)
+    report = project_snakemake(finished_demo, "--report", str(finished_demo / "results/report.html"), env=env)
     assert report.returncode == 0, report.stdout + report.stderr
-    assert (tmp_path / "results/report.html").stat().st_size > 10_000
+    assert (finished_demo / "results/report.html").stat().st_size > 10_000
     print(main_md)
+
+
+@pytest.mark.slow
+def test_a_change_in_a_module_train_imports_indirectly_reruns_training_and_what_follows(finished_demo, mirror,
+                                                                                         tmp_path):
+    project = copy_tree(finished_demo, tmp_path / "project")
+    module = project / "src/clusterns/method/losses.py"
+    train_imports = (project / "src/clusterns/train.py").read_text()
+    assert "method.losses" not in train_imports and "import losses" not in train_imports  # via the objective only
+    append_comment(module)
+    counts = rerun_jobs(project, mirror)
+    # the two runs, their scores and the report; nothing upstream of training (data, token cache)
+    expected = {"train": 2, "evaluate": 2, "tables": 1, "plots": 1, "default": 1}
+    if ROOT / "src/clusterns/method/losses.py" in stage_imports(("sts",))[0]:
+        expected["evaluate_base"] = 1
+    if load("demo.yaml")["clustering"]["enabled"]:  # the runs' clustering scores and their table follow
+        expected.update(cluster_eval=2, clustering_table=1)
+    assert counts == Counter(expected), counts
+
+
+@pytest.mark.slow
+def test_a_change_in_the_report_module_reruns_only_the_report(finished_demo, mirror, tmp_path):
+    project = copy_tree(finished_demo, tmp_path / "project")
+    append_comment(project / "src/clusterns/report.py")
+    assert rerun_jobs(project, mirror) == Counter({"tables": 1, "plots": 1, "default": 1})
+
+
+@pytest.mark.slow
+def test_demo_clustering_table_rows(finished_demo):
+    """The short-text clustering stage in the DAG: the table has the base row and both runs, all
+    eight sets, marked subsampled (the demo cuts each set), with the pooler each row used."""
+    md = (finished_demo / "results/tables/clustering.md").read_text()
+    for row in ("| MiniLM-L6 (base)‡ | avg | 1 |", "| SimCSE / MiniLM-L6‡ | avg | 1 |",
+                "| ClusterNS / MiniLM-L6‡ | avg | 1 |"):
+        assert row in md, md
+    assert all(name in md for name in ("AG", "Bio", "Go-S", "G-T", "G-TS", "SS", "SO", "Tweet"))
+    data = json.loads((finished_demo / "results/runs/clusterns/minilm/seed42/clustering.json").read_text())
+    assert data["meta"]["subsampled"] and data["meta"]["restarts"] == [0, 1, 2]
+    assert all(len(d["acc"]) == 3 for d in data["details"].values())
+    print(md)
+
+
+@pytest.mark.slow
+def test_a_finished_project_copied_elsewhere_is_up_to_date(finished_demo, mirror, tmp_path):
+    moved = copy_tree(finished_demo, tmp_path / "elsewhere")
+    assert rerun_jobs(moved, mirror) == Counter()
 
 
 @pytest.mark.slow
@@ -264,9 +480,9 @@ def test_released_checkpoint_rows(tmp_path, mirror, tiny_bert):
 def test_prompt_run_and_transfer_tasks_end_to_end(tmp_path, mirror, tiny_bert):
     """A prompt-based run and a plain run on a tiny random BERT, trained for real, then scored on STS
     and on the seven transfer tasks (subsampled) through the transfer and transfer_table rules."""
-    from clusterns.prompt import PROMPT_CONFIG_FILE, TEMPLATES, load_prompt_config
-    from clusterns.sts import TASKS as STS_TASKS
-    from clusterns.transfer import TASKS as TRANSFER_TASKS
+    from clusterns.model.prompt import PROMPT_CONFIG_FILE, TEMPLATES, load_prompt_config
+    from clusterns.evaluation.sts import TASKS as STS_TASKS
+    from clusterns.evaluation.transfer import TASKS as TRANSFER_TASKS
 
     c = load("demo.yaml")
     c["data"]["wiki"]["head"] = 200

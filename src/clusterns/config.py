@@ -1,9 +1,12 @@
-"""The run grid: expands a validated config into runs with fully resolved hyperparameters.
+"""Every default of the configuration, and the run grid with fully resolved settings.
 
-Precedence for a run's settings (later wins): ``training`` defaults → the method's entry in
-``methods`` (objective keys) → the backbone's training keys → the run entry's ``training`` /
-``objective`` overrides. The JSON-schema check (workflow/schemas/config.schema.yaml) runs first;
-this module adds the cross-key checks a schema cannot express.
+This module is the one home of defaults: the schema (workflow/schemas/config.schema.yaml) checks
+types and values but sets none, :func:`resolve` fills every section from the ``*_DEFAULTS``
+below (objective defaults: :class:`clusterns.method.settings.ObjectiveConfig`), and the stages
+read resolved settings only. Precedence for a run's settings (later wins): ``training``
+defaults → the method's ``training`` → the backbone's ``training`` → the run entry's
+``training`` / ``objective`` overrides (objective: method → run → sweep value). This module
+also adds the cross-key checks a schema cannot express. Torch-free: the workflow imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import yaml
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
-# Training keys every run carries (defaults; the schema lists the same keys).
+from clusterns import poolers
+
+# Training keys every run carries (the schema lists the same keys).
 TRAINING_DEFAULTS = {
     "max_seq_length": 32,
     "epochs": 1,
@@ -36,7 +41,32 @@ TRAINING_DEFAULTS = {
     "gpus": 1,
     "num_workers": 2,
     "eval_batch_size": 128,
+    "packed": True,
 }
+# A prompt method's settings (``methods.<name>.prompt``; ``{}`` = all of these).
+PROMPT_DEFAULTS = {
+    "templates": None,  # None: the backbone family's template pair
+    "denoise": True,  # subtract the template-only [MASK] state in training and dev selection
+    "delta_rows": 50,  # denoising rows in training (one per sentence length; must exceed max_seq_length)
+    "eval_delta_rows": 128,  # denoising rows in dev selection
+    "roberta_position_offset": "original",
+    "test_protocol": "raw",  # final test embedding: raw [MASK] state of template 1 (evaluation_prompt.py)
+}
+BACKBONE_DEFAULTS = {"revision": None, "pooler": "cls", "eval_pooler": None, "training": {}}
+METHOD_DEFAULTS = {"group": "main", "objective": {}, "training": {}, "prompt": None}
+EVALUATION_DEFAULTS = {"batch_size": 128, "dtype": "fp32", "base": True}
+TRANSFER_DEFAULTS = {"enabled": False, "mode": "fast", "max_examples": None}
+REPORT_DEFAULTS = {"paired": [], "ablation_reference": "clusterns", "plots": True}
+# Short-text clustering (the paper's Table 6): the official protocol unless changed here.
+CLUSTERING_DEFAULTS = {
+    "enabled": False,
+    "pooler": "cls_before_pooler",  # the official last-layer [CLS] state; "run": each row's own evaluation pooler
+    "restarts": [0, 1, 2],  # KMeans random_state of each restart (the official script runs one unseeded KMeans)
+    "max_examples": None,  # quick checks only: a seeded stratified subset per set (marked subsampled)
+    "max_length": 128,  # truncation in tokens
+    "datasets": {},  # name -> {url, sha256, lines, classes}
+}
+SOURCE_DEFAULTS = {"sha256": None, "size": None, "lines": None, "head": None}
 
 
 class ConfigError(ValueError):
@@ -61,23 +91,76 @@ class Run:
         return f"results/runs/{self.method}/{self.backbone}/seed{self.seed}"
 
     def hparams(self, backbone_cfg: dict) -> dict:
-        """Everything the trainer needs, as one JSON-able dict (a rule ``param``)."""
+        """Everything the trainer needs, as one JSON-able dict (a rule ``param``); ``backbone_cfg``
+        is the backbone's entry of a :func:`resolve`-d config."""
+        pooler = backbone_cfg.get("pooler", BACKBONE_DEFAULTS["pooler"])
         hp = {
             "method": self.method,
             "backbone": self.backbone,
             "seed": self.seed,
-            "pooler": backbone_cfg.get("pooler", "cls"),
-            "eval_pooler": backbone_cfg.get("eval_pooler") or _default_eval_pooler(backbone_cfg.get("pooler", "cls")),
+            "pooler": pooler,
+            "eval_pooler": backbone_cfg.get("eval_pooler") or poolers.default_eval_pooler(pooler),
             "training": self.training,
             "objective": self.objective,
         }
         if self.prompt is not None:  # prompt-based method: the [MASK] state of a template is the embedding
-            hp.update(pooler="mask", eval_pooler="mask", prompt=self.prompt)
+            hp.update(pooler=poolers.PROMPT_POOLER, eval_pooler=poolers.PROMPT_POOLER, prompt=self.prompt)
         return hp
 
 
-def _default_eval_pooler(pooler: str) -> str:
-    return "cls_before_pooler" if pooler == "cls" else pooler
+def _filled(defaults: dict, given: dict | None) -> dict:
+    out = copy.deepcopy(defaults)
+    out.update(copy.deepcopy(given or {}))
+    return out
+
+
+def resolve(config: dict) -> dict:
+    """A copy of a (schema-valid) config with every default filled in; idempotent.
+
+    Backbones get their resolved ``eval_pooler``, methods and backbones a ``label``, prompt
+    methods the complete prompt settings, every optional section its defaults."""
+    c = copy.deepcopy(config)
+    c.setdefault("mirror", None)
+    c["data"] = {k: _filled(SOURCE_DEFAULTS, v) for k, v in c.get("data", {}).items()}
+    c["training"] = _filled(TRAINING_DEFAULTS, c.get("training"))
+    backbones = {}
+    for name, b in c.get("backbones", {}).items():
+        b = _filled({**BACKBONE_DEFAULTS, "label": name}, b)
+        b["eval_pooler"] = b["eval_pooler"] or poolers.default_eval_pooler(b["pooler"])
+        backbones[name] = b
+    c["backbones"] = backbones
+    methods = {}
+    for name, m in c.get("methods", {}).items():
+        m = _filled({**METHOD_DEFAULTS, "label": name}, m)
+        if m["prompt"] is not None:
+            m["prompt"] = _filled(PROMPT_DEFAULTS, m["prompt"])
+        methods[name] = m
+    c["methods"] = methods
+    c["runs"] = c.get("runs") or []
+    c["seeds"] = c.get("seeds") or [42]
+    c["sweeps"] = c.get("sweeps") or []
+    c["released"] = {k: _filled({"revision": None}, v) for k, v in (c.get("released") or {}).items()}
+    c["evaluation"] = _filled(EVALUATION_DEFAULTS, c.get("evaluation"))
+    c["transfer"] = _filled(TRANSFER_DEFAULTS, c.get("transfer"))
+    c["report"] = _filled(REPORT_DEFAULTS, c.get("report"))
+    c["clustering"] = _filled(CLUSTERING_DEFAULTS, c.get("clustering"))
+    return c
+
+
+def resolve_hparams(hp: dict) -> dict:
+    """A run's settings (``run.json`` as the workflow writes it, or written by hand) with every
+    default filled in and the objective validated; what the training stage reads."""
+    from clusterns.method.settings import ObjectiveConfig
+
+    hp = copy.deepcopy(hp)
+    hp["training"] = _filled(TRAINING_DEFAULTS, hp.get("training"))
+    hp["objective"] = ObjectiveConfig.from_dict(hp.get("objective")).to_dict()
+    hp.setdefault("pooler", BACKBONE_DEFAULTS["pooler"])
+    hp["eval_pooler"] = hp.get("eval_pooler") or poolers.default_eval_pooler(hp["pooler"])
+    if hp.get("prompt") is not None:  # a prompt run embeds at its template's [MASK]
+        hp["prompt"] = _filled(PROMPT_DEFAULTS, hp["prompt"])
+        hp["pooler"] = hp["eval_pooler"] = poolers.PROMPT_POOLER
+    return hp
 
 
 def load(path: str | Path) -> dict:
@@ -109,12 +192,13 @@ def _merge(*dicts: dict | None) -> dict:
 
 def expand_runs(config: dict) -> list[Run]:
     """The grid: every ``runs`` entry × its seeds, plus the sweeps; checked for consistency."""
-    from clusterns.objective_config import ObjectiveConfig, ObjectiveConfigError
+    from clusterns.method.settings import ObjectiveConfig, ObjectiveConfigError
 
-    methods = config.get("methods", {})
-    backbones = config.get("backbones", {})
-    training_defaults = _merge(TRAINING_DEFAULTS, config.get("training"))
-    seeds_default = config.get("seeds", [42])
+    config = resolve(config)
+    methods = config["methods"]
+    backbones = config["backbones"]
+    training_defaults = config["training"]
+    seeds_default = config["seeds"]
     runs: list[Run] = []
 
     def add(method: str, entry: dict, group: str, label: str, sweep: dict | None = None, objective_extra=None):
@@ -126,27 +210,28 @@ def expand_runs(config: dict) -> list[Run]:
                               f"define it under 'backbones' ({', '.join(backbones) or 'none defined'})")
         bb = backbones[entry["backbone"]]
         method_cfg = methods[entry["method"]]
-        training = _merge(training_defaults, method_cfg.get("training"), bb.get("training"), entry.get("training"))
-        objective = _merge(method_cfg.get("objective"), entry.get("objective"), objective_extra)
+        training = _merge(training_defaults, method_cfg["training"], bb["training"], entry.get("training"))
+        objective = _merge(method_cfg["objective"], entry.get("objective"), objective_extra)
         try:
-            ObjectiveConfig.from_dict(objective).validate(training["batch_size"])
+            ObjectiveConfig.from_dict(objective).validate(training["batch_size"])  # its dataclass holds the defaults
         except ObjectiveConfigError as e:
             raise ConfigError(f"config key {label} ({method}/{entry['backbone']}): {e}") from None
         if training["gpus"] > 0 and training["batch_size"] % training["gpus"]:
             raise ConfigError(f"config key {label}.training.batch_size: global batch {training['batch_size']} is not "
                               f"divisible by gpus={training['gpus']}; choose a multiple")
-        prompt = method_cfg.get("prompt")
-        if prompt is not None and prompt.get("delta_rows", 50) <= training["max_seq_length"] and prompt.get("denoise", True):
+        prompt = method_cfg["prompt"]
+        if prompt is not None and prompt["delta_rows"] <= training["max_seq_length"] and prompt["denoise"]:
             raise ConfigError(f"config key methods.{entry['method']}.prompt.delta_rows must exceed "
                               f"max_seq_length ({training['max_seq_length']}): one denoising row per sentence length")
         for seed in entry.get("seeds") or seeds_default:
             runs.append(Run(method, entry["backbone"], int(seed), group, training, objective, sweep,
                             None if prompt is None else dict(prompt)))
 
-    for i, entry in enumerate(config.get("runs", [])):
+    for i, entry in enumerate(config["runs"]):
         method = entry["method"]
-        add(method, entry, entry.get("group") or methods.get(method, {}).get("group", "main"), f"runs[{i}]")
-    for i, sweep in enumerate(config.get("sweeps") or []):
+        group = entry.get("group") or (methods[method]["group"] if method in methods else "main")
+        add(method, entry, group, f"runs[{i}]")
+    for i, sweep in enumerate(config["sweeps"]):
         for value in sweep["values"]:
             name = f"{sweep['method']}-{sweep['param']}{value}"
             add(name, sweep, "sweep", f"sweeps[{i}]", {"param": sweep["param"], "value": value, "method": sweep["method"]},

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 from urllib.parse import quote, unquote, urlparse
 
-from .files import atomic_path, sha256_file, write_json_atomic
+from clusterns.utils.files import atomic_path, sha256_file, write_json_atomic
 
 MIRROR_ENV = "CLUSTERNS_MIRROR"
 _CHUNK = 1 << 20

@@ -1,5 +1,5 @@
 """Tables and plots from finished runs: mean ± std over seeds beside the published numbers,
-an ablation table, a paired (same-seed) comparison, and the figures of DESIGN §8.
+an ablation table, a paired (same-seed) comparison, and the figures the README lists under "Tables, plots and the report".
 
 Layout of this module, from the edges inwards:
 
@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from clusterns.files import atomic_path, write_text_atomic
+from clusterns.utils.files import atomic_path, write_text_atomic
 
 TASKS: tuple[str, ...] = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness")
 ALL_TASKS: tuple[str, ...] = TASKS + ("avg",)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from clusterns.files import atomic_path, sha256_file, write_json_atomic
+from clusterns.utils.files import atomic_path, sha256_file, write_json_atomic
 
 STATS_FILE = "tokenize_stats.json"
 
@@ -55,7 +55,7 @@ def tokenize_to_disk(model: str | Path, input_path: str | Path, output: str | Pa
 
     def encode(batch):
         if sentence_only:
-            from clusterns.prompt import sentence_only_ids
+            from clusterns.model.prompt import sentence_only_ids
 
             return {"input_ids": sentence_only_ids(tokenizer, batch["text"], max_length)}
         enc = tokenizer(batch["text"], truncation=True, max_length=max_length, add_special_tokens=True)

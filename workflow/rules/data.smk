@@ -1,30 +1,32 @@
-# Downloads (upstream URL or mirror), verification, unpacking, backbones.
+# Downloads (upstream URL or mirror), verification, unpacking, backbones. These rules list no
+# `code` input: what they produce is fixed by its source (checksums, sizes, line counts, pinned
+# revisions in the config), and rerunning them after a change in clusterns.data would rerun
+# every job of the grid.
 
 
 rule fetch_wiki:
     output:
         "resources/data/wiki1m_for_simcse.txt",
-    params:
-        url=config["data"]["wiki"]["url"],
-        mirror=f"--mirror {MIRROR}" if MIRROR else "",
-        args=" ".join(f"--{k} {v}" for k, v in config["data"]["wiki"].items() if k != "url" and v is not None),
     log:
         "results/logs/data/fetch_wiki.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        url=CONFIG["data"]["wiki"]["url"],
+        mirror=mirror_arg(),
+        args=source_args("wiki"),
     shell:
         "python -m clusterns.data fetch --url {params.url} --output {output} {params.mirror} {params.args} > {log} 2>&1"
 
 
-rule fetch_senteval:
+use rule fetch_wiki as fetch_senteval with:
     output:
         "resources/data/senteval.tar",
-    params:
-        url=config["data"]["senteval"]["url"],
-        mirror=f"--mirror {MIRROR}" if MIRROR else "",
-        args=" ".join(f"--{k} {v}" for k, v in config["data"]["senteval"].items() if k != "url" and v is not None),
     log:
         "results/logs/data/fetch_senteval.log",
-    shell:
-        "python -m clusterns.data fetch --url {params.url} --output {output} {params.mirror} {params.args} > {log} 2>&1"
+    params:
+        url=CONFIG["data"]["senteval"]["url"],
+        args=source_args("senteval"),
 
 
 rule unpack_senteval:
@@ -34,6 +36,8 @@ rule unpack_senteval:
         directory("resources/senteval"),
     log:
         "results/logs/data/unpack_senteval.log",
+    conda:
+        "../envs/data.yaml"
     shell:
         "python -m clusterns.data unpack --archive {input} --output {output} > {log} 2>&1"
 
@@ -41,22 +45,22 @@ rule unpack_senteval:
 rule fetch_backbone:
     output:
         directory("resources/models/{backbone}"),
-    params:
-        model=lambda w: backbone_cfg(w.backbone)["model"],
-        revision=lambda w: f"--revision {backbone_cfg(w.backbone)['revision']}" if backbone_cfg(w.backbone).get("revision") else "",
     log:
         "results/logs/data/fetch_backbone_{backbone}.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        model=lambda w: backbone_cfg(w.backbone)["model"],
+        revision=lambda w: revision_arg(backbone_cfg(w.backbone)),
     shell:
         "python -m clusterns.data backbone --model {params.model} {params.revision} --output {output} > {log} 2>&1"
 
 
-rule fetch_released:
+use rule fetch_backbone as fetch_released with:
     output:
         directory("resources/released/{name}"),
-    params:
-        model=lambda w: RELEASED[w.name]["model"],
-        revision=lambda w: f"--revision {RELEASED[w.name]['revision']}" if RELEASED[w.name].get("revision") else "",
     log:
         "results/logs/data/fetch_released_{name}.log",
-    shell:
-        "python -m clusterns.data backbone --model {params.model} {params.revision} --output {output} > {log} 2>&1"
+    params:
+        model=lambda w: RELEASED[w.name]["model"],
+        revision=lambda w: revision_arg(RELEASED[w.name]),

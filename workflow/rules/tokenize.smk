@@ -5,14 +5,16 @@ rule tokenize:
     input:
         text="resources/data/wiki1m_for_simcse.txt",
         model=lambda w: backbone_dir(w.backbone),
-        code=src("tokenize"),
+        code=stage_sources("tokenize"),
     output:
         directory("resources/tokenized/{backbone}/{fmt}{maxlen}"),
-    params:
-        sentence_only=lambda w: "--sentence-only" if w.fmt == "S" else "",
-    threads: 2
     log:
         "results/logs/tokenize/{backbone}_{fmt}{maxlen}.log",
+    conda:
+        "../envs/training.yaml"
+    threads: 2
+    params:
+        sentence_only=lambda w: "--sentence-only" if w.fmt == "S" else "",
     shell:
         "python -m clusterns.tokenize --model {input.model} --input {input.text} --max-length {wildcards.maxlen} "
         "--output {output} --num-proc {threads} {params.sentence_only} > {log} 2>&1"

@@ -1,4 +1,4 @@
-"""The objective's hyperparameters and their validation, free of torch.
+"""The objective's hyperparameters, their defaults and their validation, free of torch.
 
 Imported by the workflow at start-up (``clusterns.config``) to refuse bad settings before any
 job runs, so it must stay cheap to import. Decisions (each refusal names the key):
@@ -55,6 +55,9 @@ class ObjectiveConfig:
     bml_beta: float = 0.0
     centroid_dtype: str = "embedding"
 
+    def __post_init__(self) -> None:
+        self.validate()  # every instance is valid, so users of a config never re-check it
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "ObjectiveConfig":
         """Build from a (merged) config mapping; missing keys or ``null`` values take the
@@ -81,9 +84,7 @@ class ObjectiveConfig:
                 values[key] = value
             elif key == "centroid_dtype":
                 values[key] = value
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,31 +1,32 @@
 """Prompt-based ClusterNS: PromptBERT templates, [MASK] pooling and template denoising.
 
-Spec: ``shared/PROMPT_AND_TRANSFER.md`` section A. The pieces, in the order a run uses them:
+The method is written out in docs/prompt.md (the § numbers below). The pieces, in the order a run
+uses them:
 
-* :data:`TEMPLATES` and :class:`Template` (A.1.1-A.1.2): the per-family template pair and the
+* :data:`TEMPLATES` and :class:`Template` (§1.1-§1.2): the per-family template pair and the
   parsed template (prefix ids [BOS]+P, suffix ids S+[EOS], P_ns, S_ns, the template-only
   sequence τ, the mask id), validated so that τ = [BOS] + P_ns + S_ns + [EOS].
-* :func:`sentence_only_ids` (A.1.3): what a prompt run stores in its tokenized cache: each
+* :func:`sentence_only_ids` (§1.3): what a prompt run stores in its tokenized cache: each
   sentence tokenized **alone, without special tokens**, truncated to ``max_len`` (32) tokens.
-* :func:`assemble` / :func:`make_prompt_collate` (A.1.3-A.1.4): [BOS] + P_ns + sent[:32] +
+* :func:`assemble` / :func:`make_prompt_collate` (§1.3-§1.4): [BOS] + P_ns + sent[:32] +
   S_ns + [EOS], right-padded; the template lies outside the truncation, so the [MASK] sits at
   0-based index ``1 + |P_ns| + n + mask_offset`` (= n + 7 = L - 3 for every template here).
   The collate turns B cached sentences into the 2B training rows [view 1 (template 1); view 2
   (template 2)] plus each row's sentence length n.
-* :func:`template_deltas` (A.2): the template-denoising rows; δ_t(ℓ) is the last-layer
+* :func:`template_deltas` (§2): the template-denoising rows; δ_t(ℓ) is the last-layer
   [MASK] state of τ_t whose suffix is shifted to where an ℓ-token sentence would put it.
-* :class:`PromptEncoder` (A.3): the training module. ``forward(input_ids, attention_mask,
+* :class:`PromptEncoder` (§3): the training module. ``forward(input_ids, attention_mask,
   lengths=None)`` on the 2B assembled rows returns z = MLP(h_mask - δ_t(n)), δ recomputed
   every forward (R = 50 rows per template, dropout on, gradient flowing); in ``eval()`` mode it
   returns the template-1 [MASK] state, denoised or not, never through the MLP.
-* :func:`prompt_embedder` (A.1.5, A.3): ``list[str] -> np.ndarray`` embedders for
-  :func:`clusterns.sts.score_tasks`; ``mode="raw"`` is the final-test protocol of
-  ``evaluation_prompt.py`` (string-level template, appended period, no denoising, no MLP),
-  ``mode="denoised"`` the dev-selection protocol (token-level splice, δ_1 with R = 128, no
-  grad), ``mode="spliced"`` the dev protocol of a run trained without denoising.
+* :class:`MaskEncoder` (§1.5, §3): the prompt pooler's batch encoder for the embedding
+  runtime (:mod:`clusterns.evaluation.embedding`); protocol ``raw`` is the final-test protocol
+  of ``evaluation_prompt.py`` (string-level template, appended period, no denoising, no MLP),
+  ``denoised`` the dev-selection protocol (token-level splice, δ_1 with R = 128, no grad),
+  ``spliced`` the dev protocol of a run trained without denoising.
 * :func:`prompt_config` / :func:`save_prompt_config` / :func:`load_prompt_config`: the
   ``clusterns_prompt.json`` written next to an exported model so the evaluator embeds it with
-  the right template and protocol (:func:`embedder_from_config`).
+  the right template and protocol (:meth:`MaskEncoder.from_config`).
 
 Faithfulness choices
 --------------------
@@ -88,17 +89,19 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from clusterns.encoder import MLPHead
+from clusterns.config import PROMPT_DEFAULTS
+from clusterns.poolers import PROMPT_POOLER
+from clusterns.model.encoder import MLPHead
 
 __all__ = [
     "TEMPLATES", "FAMILIES", "PROTOCOLS", "POSITION_OFFSET_MODES", "PROMPT_CONFIG_FILE",
     "Template", "detect_family", "template_pair", "sentence_only_ids", "assemble", "make_prompt_collate",
     "delta_position_ids", "sentence_position_ids", "denoise_position_offset", "check_prefix_lengths",
-    "template_deltas", "PromptEncoder", "format_test_sentence", "prompt_embedder", "encode_prompt",
-    "prompt_config", "save_prompt_config", "load_prompt_config", "embedder_from_config",
+    "template_deltas", "PromptEncoder", "MaskEncoder", "format_test_sentence",
+    "prompt_config", "save_prompt_config", "load_prompt_config",
 ]
 
-# A.1.1: (template 1 = view 1 and all evaluation, template 2 = view 2), per backbone family.
+# §1.1: (template 1 = view 1 and all evaluation, template 2 = view 2), per backbone family.
 TEMPLATES: dict[str, tuple[str, str]] = {
     "bert": ('*cls*_This_sentence_of_"*sent_0*"_means*mask*.*sep+*',
              '*cls*_This_sentence_:_"*sent_0*"_means*mask*.*sep+*'),
@@ -112,8 +115,6 @@ PROTOCOLS = ("raw", "denoised", "spliced")
 POSITION_OFFSET_MODES = ("original", "fixed")
 PROMPT_CONFIG_FILE = "clusterns_prompt.json"
 PROMPT_CONFIG_FORMAT = 1
-TRAIN_DELTA_ROWS = 50
-EVAL_DELTA_ROWS = 128
 _MODEL_TYPES = {"bert": "bert", "roberta": "roberta"}
 
 
@@ -177,7 +178,7 @@ def detect_family(obj: Any) -> str:
 
 
 def _split_template(template: str, mask_token: str) -> tuple[str, str]:
-    """A.1.2 steps 1-3: substitutions, split at the sentence, ``_`` -> space (no stripping)."""
+    """§1.2 steps 1-3: substitutions, split at the sentence, ``_`` -> space (no stripping)."""
     if " " in template:
         raise ValueError(f"template {template!r} contains a literal space; write spaces as '_'")
     if template.count("*sent_0*") != 1:
@@ -198,7 +199,7 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 
 @dataclass(frozen=True)
 class Template:
-    """A parsed PromptBERT template (A.1.2) for one tokenizer.
+    """A parsed PromptBERT template (§1.2) for one tokenizer.
 
     ``prefix_ids`` = [BOS] + P_ns, ``suffix_ids`` = S_ns + [EOS], ``tau`` = the template-only
     sequence encode(P + S) with special tokens (= [BOS] + P_ns + S_ns + [EOS], checked).
@@ -224,7 +225,7 @@ class Template:
     def from_string(cls, template: str, tokenizer, family: str | None = None) -> "Template":
         """Parse ``template`` with ``tokenizer`` (family detected from it unless given).
 
-        RoBERTa: the prefix text is ``.strip()``-ed (A.1.2 step 4); BERT keeps the leading space
+        RoBERTa: the prefix text is ``.strip()``-ed (§1.2 step 4); BERT keeps the leading space
         (its tokenizer ignores it). Raises ValueError when the template is malformed or the
         tokenizer does not reproduce τ = [BOS] + P_ns + S_ns + [EOS].
         """
@@ -320,7 +321,7 @@ def check_prefix_lengths(template1: Template, template2: Template) -> None:
 
 def sentence_only_ids(tokenizer, sentences: Sequence[str], max_len: int | None = 32) -> list[list[int]]:
     """Each sentence tokenized alone, **without** special tokens, cut to its first ``max_len``
-    tokens (None: no cut). This is what a prompt run's tokenized cache stores (A.1.3).
+    tokens (None: no cut). This is what a prompt run's tokenized cache stores (§1.3).
 
     RoBERTa: the first word gets no ``Ġ`` (it is tokenized alone), as in the original training.
     """
@@ -413,7 +414,7 @@ def denoise_position_offset(backbone, mode: str = "original") -> int:
 
 def delta_position_ids(template: Template, rows: int, prefix_len: int | None = None,
                        position_offset: int = 0) -> Tensor:
-    """Position ids of the R δ rows (A.2): p_j = j for j <= prefix_len (BOS and prefix), p_j = j + ℓ
+    """Position ids of the R δ rows (§2): p_j = j for j <= prefix_len (BOS and prefix), p_j = j + ℓ
     for the suffix and EOS of row ℓ; all plus ``position_offset``. ``prefix_len`` defaults to
     |P_ns| of ``template``. Shape (rows, T), long."""
     prefix_len = len(template.prefix_ns) if prefix_len is None else int(prefix_len)
@@ -485,12 +486,14 @@ class PromptEncoder(nn.Module):
     ``template2=None``: single-template mode (both views use template 1, one δ pass).
     """
 
-    pooler = "mask"
-    eval_pooler = "mask"
+    pooler = PROMPT_POOLER
+    eval_pooler = PROMPT_POOLER
 
     def __init__(self, backbone: nn.Module, template1: Template, template2: Template | None = None, *,
-                 denoise: bool = True, delta_rows: int = TRAIN_DELTA_ROWS, eval_delta_rows: int = EVAL_DELTA_ROWS,
-                 roberta_position_offset: str = "original", max_len: int | None = 32, mlp: bool = True) -> None:
+                 denoise: bool = PROMPT_DEFAULTS["denoise"], delta_rows: int = PROMPT_DEFAULTS["delta_rows"],
+                 eval_delta_rows: int = PROMPT_DEFAULTS["eval_delta_rows"],
+                 roberta_position_offset: str = PROMPT_DEFAULTS["roberta_position_offset"],
+                 max_len: int | None = 32, mlp: bool = True) -> None:
         super().__init__()
         family = detect_family(backbone)
         for t in (template1, template2):
@@ -562,12 +565,11 @@ class PromptEncoder(nn.Module):
             return self.mlp(h)
         return h
 
-    def embedder(self, tokenizer, protocol: str | None = None, **kwargs) -> Callable[[list[str]], Any]:
-        """A :func:`prompt_embedder` on this model's backbone and template 1 (dev selection:
-        ``protocol`` defaults to :attr:`eval_protocol`)."""
-        kwargs.setdefault("delta_rows", self.eval_delta_rows)
-        kwargs.setdefault("roberta_position_offset", self.roberta_position_offset)
-        return prompt_embedder(self.backbone, tokenizer, self.template1, protocol or self.eval_protocol, **kwargs)
+    def mask_encoder(self, tokenizer, protocol: str | None = None) -> "MaskEncoder":
+        """The :class:`MaskEncoder` of this model's backbone and template 1 for dev selection
+        (``protocol`` defaults to :attr:`eval_protocol`)."""
+        return MaskEncoder(self.backbone, tokenizer, self.template1, protocol or self.eval_protocol,
+                           delta_rows=self.eval_delta_rows, roberta_position_offset=self.roberta_position_offset)
 
     def config_dict(self, test_protocol: str = "raw") -> dict:
         """:func:`prompt_config` for exporting this model (final test protocol ``test_protocol``)."""
@@ -581,7 +583,7 @@ class PromptEncoder(nn.Module):
 
 
 def format_test_sentence(template: str, sentence: str, mask_token: str) -> str:
-    """The final-test input text of ``evaluation_prompt.py`` (A.1.5): template with ``*mask*`` ->
+    """The final-test input text of ``evaluation_prompt.py`` (§1.5): template with ``*mask*`` ->
     mask token, ``_`` -> space, ``*sep+*``/``*cls*`` deleted; the sentence gets a final "." unless
     it is empty or ends in . ? " '; substituted for ``*sent 0*``; the whole string stripped."""
     text = template.replace("*mask*", mask_token).replace("_", " ").replace("*sep+*", "").replace("*cls*", "")
@@ -600,113 +602,89 @@ def _as_template(template, tokenizer) -> Template:
     raise TypeError(f"expected a Template, a template string or a family name, got {type(template).__name__}")
 
 
-def encode_prompt(backbone, tokenizer, template, sentences: Sequence[str], mode: str = "raw", *,
-                  batch_size: int = 128, device=None, dtype: str = "fp32", delta_rows: int = EVAL_DELTA_ROWS,
-                  roberta_position_offset: str = "original", progress: bool = False) -> Tensor:
-    """Embed ``sentences`` (float32, CPU, input order) with template 1 and a protocol of :data:`PROTOCOLS`.
+class MaskEncoder:
+    """Template 1's [MASK] embedding with one of :data:`PROTOCOLS`, batch by batch: the batch
+    encoder the embedding runtime (:class:`clusterns.evaluation.embedding.Embedder`) runs for the
+    prompt pooler (eval mode, no gradient, no MLP, length-sorted batches are the runtime's).
 
-    ``raw``: string-level template (:func:`format_test_sentence`), tokenized with special tokens
-    and batch padding, no truncation; the last-layer state at the row's (last) mask token; no δ.
-    ``denoised``: sentence tokens (no special tokens, no truncation) spliced into [BOS] + P_ns +
-    s + S_ns + [EOS]; [MASK] state minus δ_1(n) (max(``delta_rows``, n_max + 1) rows, once per
-    call; rows are independent in eval mode, so this equals per-batch recomputation).
-    ``spliced``: the same splice without δ. Eval mode (restored afterwards), no gradient, no MLP.
+    ``raw``: the string-level template (:func:`format_test_sentence`), tokenized with special
+    tokens and batch padding, no truncation; the last-layer state at the row's (last) mask token;
+    no δ. ``denoised``: sentence tokens (no special tokens, no truncation) spliced into [BOS] +
+    P_ns + s + S_ns + [EOS]; [MASK] state minus δ_1(n) with max(``delta_rows``, n_max + 1) rows,
+    computed once per call (rows are independent in eval mode, so this equals per-batch
+    recomputation). ``spliced``: the same splice without δ.
     """
-    from clusterns.sts import _autocast, length_batches  # lazy: sts imports this module for --pooler mask
 
-    if mode not in PROTOCOLS:
-        raise ValueError(f"unknown prompt protocol {mode!r}; choose one of {', '.join(PROTOCOLS)}")
-    template = _as_template(template, tokenizer)
-    if detect_family(backbone) != template.family:
-        raise ValueError(f"template parsed for {template.family} but the backbone is {detect_family(backbone)}")
-    sentences = list(sentences)
-    device = torch.device(device) if device is not None else _param_device(backbone)
-    hidden = backbone.config.hidden_size
-    if not sentences:
-        return torch.zeros(0, hidden)
-    if mode == "raw":
-        items = [format_test_sentence(template.template, s, template.mask_token) for s in sentences]
-        lengths = [len(ids) for ids in tokenizer(items, verbose=False)["input_ids"]]
-    else:
-        items = sentence_only_ids(tokenizer, sentences, max_len=None)
-        lengths = [len(ids) for ids in items]
-    batches = length_batches(lengths, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    def __init__(self, backbone, tokenizer, template, protocol: str = PROMPT_DEFAULTS["test_protocol"], *,
+                 delta_rows: int = PROMPT_DEFAULTS["eval_delta_rows"],
+                 roberta_position_offset: str = PROMPT_DEFAULTS["roberta_position_offset"]) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if roberta_position_offset not in POSITION_OFFSET_MODES:
+            raise ValueError(f"unknown roberta_position_offset {roberta_position_offset!r}")
+        self.template = _as_template(template, tokenizer)
+        if detect_family(backbone) != self.template.family:
+            raise ValueError(f"template parsed for {self.template.family} but the backbone is {detect_family(backbone)}")
+        self.model, self.tokenizer, self.protocol = backbone, tokenizer, protocol
+        self.delta_rows, self.roberta_position_offset = int(delta_rows), roberta_position_offset
+        self.hidden_size = backbone.config.hidden_size
+        self._delta: Tensor | None = None
 
-        batches = tqdm(batches, desc="encoding", unit="batch", file=sys.stderr)
-    out = torch.empty(len(sentences), hidden, dtype=torch.float32)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.inference_mode(), _autocast(device, dtype):
-            delta = None
-            if mode == "denoised":
-                offset = denoise_position_offset(backbone, roberta_position_offset)
-                rows = max(int(delta_rows), max(lengths) + 1)
-                delta = template_deltas(backbone, template, rows, position_offset=offset).float()
-            for idx in batches:
-                if mode == "raw":
-                    enc = tokenizer([items[i] for i in idx], padding=True, return_tensors="pt")
-                    enc = {k: v.to(device) for k, v in enc.items()}
-                    last = backbone(**enc, return_dict=True).last_hidden_state
-                    ids = enc["input_ids"]
-                    where = torch.arange(ids.shape[1], device=device).expand_as(ids)
-                    pos = torch.where(ids == template.mask_id, where, torch.full_like(where, -1)).max(dim=1).values
-                    if bool((pos < 0).any()):
-                        raise ValueError("a formatted sentence lost its mask token (truncated by the tokenizer?)")
-                    h = last[torch.arange(len(idx), device=device), pos].float()
-                else:
-                    ids, mask = assemble([items[i] for i in idx], template)
-                    ids, mask = ids.to(device), mask.to(device)
-                    last = backbone(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
-                    n = torch.tensor([lengths[i] for i in idx], dtype=torch.long, device=device)
-                    h = last[torch.arange(len(idx), device=device), n + template.tau_mask_index].float()
-                    if delta is not None:
-                        h = h - delta.index_select(0, n)
-                out[torch.tensor(idx)] = h.cpu()
-    finally:
-        backbone.train(was_training)
-    return out
+    @classmethod
+    def from_config(cls, backbone, tokenizer, config: Mapping[str, Any] | None = None,
+                    protocol: str | None = None) -> "MaskEncoder":
+        """From a ``clusterns_prompt.json`` content (None: the backbone family's template pair with
+        the default protocol, as for released prompt checkpoints); ``protocol`` overrides the
+        stored test protocol."""
+        if config is None:
+            family = detect_family(backbone)
+            config = prompt_config(family, TEMPLATES[family])
+        template = Template.from_string(config["template"], tokenizer, config["family"])
+        return cls(backbone, tokenizer, template, protocol or config["protocol"], delta_rows=config["delta_rows"],
+                   roberta_position_offset=config["roberta_position_offset"])
 
+    def prepare(self, texts: list[str]) -> tuple[list, list[int]]:
+        if self.protocol == "raw":
+            items = [format_test_sentence(self.template.template, s, self.template.mask_token) for s in texts]
+            return items, [len(ids) for ids in self.tokenizer(items, verbose=False)["input_ids"]]
+        items = sentence_only_ids(self.tokenizer, texts, max_len=None)
+        return items, [len(ids) for ids in items]
 
-def prompt_embedder(backbone, tokenizer, template, mode: str = "raw", *, batch_size: int = 128, device=None,
-                    dtype: str = "fp32", delta_rows: int = EVAL_DELTA_ROWS, roberta_position_offset: str = "original",
-                    progress: bool = False) -> Callable[[list[str]], Any]:
-    """An ``embed`` function (list[str] -> (n, H) float32 ``np.ndarray``) for
-    :func:`clusterns.sts.score_tasks`, same contract as :func:`clusterns.sts.hf_embedder`.
+    def setup(self, lengths: list[int], device: torch.device) -> None:
+        self._delta = None
+        if self.protocol == "denoised":
+            offset = denoise_position_offset(self.model, self.roberta_position_offset)
+            rows = max(self.delta_rows, max(lengths) + 1)
+            self._delta = template_deltas(self.model, self.template, rows, position_offset=offset).float()
 
-    ``template``: a :class:`Template`, a template string, or a family name (its template 1).
-    ``mode``: ``raw`` (final test, evaluation_prompt.py as run), ``denoised`` (dev selection),
-    ``spliced`` (dev selection of a run trained without denoising); see :func:`encode_prompt`.
-    """
-    if mode not in PROTOCOLS:
-        raise ValueError(f"unknown prompt protocol {mode!r}; choose one of {', '.join(PROTOCOLS)}")
-    if roberta_position_offset not in POSITION_OFFSET_MODES:
-        raise ValueError(f"unknown roberta_position_offset {roberta_position_offset!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    from clusterns.sts import DTYPES  # lazy: sts imports this module for --pooler mask
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    parsed = _as_template(template, tokenizer)
-
-    def embed(sentences: list[str]):
-        return encode_prompt(backbone, tokenizer, parsed, sentences, mode, batch_size=batch_size, device=device,
-                             dtype=dtype, delta_rows=delta_rows, roberta_position_offset=roberta_position_offset,
-                             progress=progress).numpy()
-
-    return embed
+    def encode(self, items: list, device: torch.device) -> Tensor:
+        t = self.template
+        if self.protocol == "raw":
+            enc = self.tokenizer(items, padding=True, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            last = self.model(**enc, return_dict=True).last_hidden_state
+            ids = enc["input_ids"]
+            where = torch.arange(ids.shape[1], device=device).expand_as(ids)
+            pos = torch.where(ids == t.mask_id, where, torch.full_like(where, -1)).max(dim=1).values
+            if bool((pos < 0).any()):
+                raise ValueError("a formatted sentence lost its mask token (truncated by the tokenizer?)")
+            return last[torch.arange(len(items), device=device), pos].float()
+        ids, mask = assemble(items, t)
+        ids, mask = ids.to(device), mask.to(device)
+        last = self.model(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+        n = torch.tensor([len(x) for x in items], dtype=torch.long, device=device)
+        h = last[torch.arange(len(items), device=device), n + t.tau_mask_index].float()
+        return h if self._delta is None else h - self._delta.index_select(0, n)
 
 
 # ------------------------------------------------------------------------------------------------
 # Export metadata
 
 
-def prompt_config(family: str, templates: Sequence[str | None], protocol: str = "raw", *,
-                  dev_protocol: str = "denoised", delta_rows: int = EVAL_DELTA_ROWS,
-                  roberta_position_offset: str = "original", max_seq_length: int | None = 32) -> dict:
+def prompt_config(family: str, templates: Sequence[str | None], protocol: str = PROMPT_DEFAULTS["test_protocol"], *,
+                  dev_protocol: str = "denoised", delta_rows: int = PROMPT_DEFAULTS["eval_delta_rows"],
+                  roberta_position_offset: str = PROMPT_DEFAULTS["roberta_position_offset"],
+                  max_seq_length: int | None = 32) -> dict:
     """The ``clusterns_prompt.json`` content for an exported prompt model.
 
     ``protocol`` is the test-time embedding (``raw`` = the paper's evaluation_prompt.py run),
@@ -722,7 +700,7 @@ def prompt_config(family: str, templates: Sequence[str | None], protocol: str = 
         raise ValueError(f"unknown roberta_position_offset {roberta_position_offset!r}")
     if not isinstance(t1, str) or not t1:
         raise ValueError("prompt_config needs template 1 as a string")
-    return {"format": PROMPT_CONFIG_FORMAT, "pooler": "mask", "family": family, "template": t1,
+    return {"format": PROMPT_CONFIG_FORMAT, "pooler": PROMPT_POOLER, "family": family, "template": t1,
             "template2": t2 or None, "protocol": protocol, "dev_protocol": dev_protocol,
             "delta_rows": int(delta_rows), "roberta_position_offset": roberta_position_offset,
             "max_seq_length": max_seq_length}
@@ -730,7 +708,7 @@ def prompt_config(family: str, templates: Sequence[str | None], protocol: str = 
 
 def save_prompt_config(model_dir: str | Path, config: Mapping[str, Any]) -> Path:
     """Write ``config`` (from :func:`prompt_config`) as ``model_dir/clusterns_prompt.json``."""
-    from clusterns.files import write_json_atomic
+    from clusterns.utils.files import write_json_atomic
 
     path = Path(model_dir) / PROMPT_CONFIG_FILE
     write_json_atomic(path, _validated(dict(config), str(path)))
@@ -742,14 +720,11 @@ def _validated(cfg: dict, where: str) -> dict:
     missing = required - set(cfg)
     if missing:
         raise ValueError(f"{where}: missing keys {sorted(missing)}")
-    if cfg["format"] != PROMPT_CONFIG_FORMAT or cfg["pooler"] != "mask":
+    if cfg["format"] != PROMPT_CONFIG_FORMAT or cfg["pooler"] != PROMPT_POOLER:
         raise ValueError(f"{where}: unsupported prompt config (format {cfg['format']!r}, pooler {cfg['pooler']!r})")
-    rebuilt = prompt_config(cfg["family"], (cfg["template"], cfg.get("template2")), cfg["protocol"],
-                            dev_protocol=cfg.get("dev_protocol", "denoised"),
-                            delta_rows=cfg.get("delta_rows", EVAL_DELTA_ROWS),
-                            roberta_position_offset=cfg.get("roberta_position_offset", "original"),
-                            max_seq_length=cfg.get("max_seq_length", 32))
-    return rebuilt
+    optional = {k: cfg[k] for k in ("dev_protocol", "delta_rows", "roberta_position_offset", "max_seq_length")
+                if k in cfg}  # files of older versions lack some: the defaults apply
+    return prompt_config(cfg["family"], (cfg["template"], cfg.get("template2")), cfg["protocol"], **optional)
 
 
 def load_prompt_config(model_dir: str | Path) -> dict | None:
@@ -762,13 +737,3 @@ def load_prompt_config(model_dir: str | Path) -> dict | None:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     return _validated(cfg, str(path))
-
-
-def embedder_from_config(backbone, tokenizer, config: Mapping[str, Any], protocol: str | None = None,
-                         **kwargs) -> Callable[[list[str]], Any]:
-    """:func:`prompt_embedder` with a loaded ``clusterns_prompt.json``: template 1, the stored
-    family, δ rows and offset; ``protocol`` overrides the stored test protocol."""
-    template = Template.from_string(config["template"], tokenizer, config["family"])
-    kwargs.setdefault("delta_rows", config.get("delta_rows", EVAL_DELTA_ROWS))
-    kwargs.setdefault("roberta_position_offset", config.get("roberta_position_offset", "original"))
-    return prompt_embedder(backbone, tokenizer, template, protocol or config["protocol"], **kwargs)

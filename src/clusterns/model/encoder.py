@@ -11,22 +11,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-POOLERS = ("cls", "cls_before_pooler", "avg", "avg_first_last", "avg_top2")
+from clusterns import poolers
+from clusterns.poolers import HF_POOLERS as POOLERS  # noqa: F401 (the training poolers, for callers)
+from clusterns.poolers import needs_hidden_states
 
-# Poolers that need every layer's hidden states from the backbone.
-_NEEDS_HIDDEN_STATES = {"avg_first_last", "avg_top2"}
-
-
-def needs_hidden_states(pooler: str) -> bool:
-    """Whether ``pooler`` reads intermediate layers (asks the backbone for all hidden states)."""
-    check_pooler(pooler)
-    return pooler in _NEEDS_HIDDEN_STATES
-
-
-def check_pooler(pooler: str) -> None:
-    """Refuse an unknown pooler name with the list of valid ones."""
-    if pooler not in POOLERS:
-        raise ValueError(f"unknown pooler {pooler!r}; choose one of {', '.join(POOLERS)}")
 
 
 def _masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -43,7 +31,6 @@ def pool(pooler: str, outputs, attention_mask: Tensor) -> Tensor:
     SimCSE's model code; ``hidden_states[0]`` would be the embedding layer); ``avg_top2`` the
     masked mean of the last two layers.
     """
-    check_pooler(pooler)
     last = outputs.last_hidden_state
     if pooler == "cls":
         pooled = getattr(outputs, "pooler_output", None)
@@ -62,7 +49,9 @@ def pool(pooler: str, outputs, attention_mask: Tensor) -> Tensor:
         raise ValueError(f"pooler {pooler!r} needs output_hidden_states=True")
     if pooler == "avg_first_last":
         return _masked_mean((hidden_states[1] + hidden_states[-1]) / 2.0, attention_mask)
-    return _masked_mean((hidden_states[-2] + hidden_states[-1]) / 2.0, attention_mask)
+    if pooler == "avg_top2":
+        return _masked_mean((hidden_states[-2] + hidden_states[-1]) / 2.0, attention_mask)
+    raise ValueError(f"unknown pooler {pooler!r}; choose one of {', '.join(poolers.HF_POOLERS)}")
 
 
 class MLPHead(nn.Module):
@@ -90,19 +79,18 @@ class SentenceEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, pooler: str = "cls", eval_pooler: str | None = None,
                  packed: bool = False) -> None:
         super().__init__()
-        check_pooler(pooler)
+        poolers.check(pooler, poolers.HF_POOLERS)
         self.backbone = backbone
-        # Training forward without pad positions (clusterns.packed); evaluation always uses HF's own.
+        # Training forward without pad positions (clusterns.model.packed); evaluation always uses HF's own.
         self.packed = packed
         self.pooler = pooler
-        self.eval_pooler = eval_pooler or ("cls_before_pooler" if pooler == "cls" else pooler)
-        check_pooler(self.eval_pooler)
+        self.eval_pooler = poolers.check(eval_pooler or poolers.default_eval_pooler(pooler), poolers.HF_POOLERS)
         self.mlp = MLPHead(backbone.config.hidden_size) if pooler == "cls" else None
 
     def _backbone(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, pooler: str,
                   token_index: Tensor | None = None):
         if self.packed and self.training:
-            from clusterns.packed import packed_forward
+            from clusterns.model.packed import packed_forward
 
             return packed_forward(self.backbone, input_ids, attention_mask, token_type_ids,
                                   output_hidden_states=needs_hidden_states(pooler), index=token_index)
@@ -115,7 +103,7 @@ class SentenceEncoder(nn.Module):
                 token_index: Tensor | None = None) -> Tensor:
         """Training embedding (``self.training``) or evaluation embedding (``eval()`` mode).
 
-        ``token_index``: flat positions of the real tokens (``clusterns.packed.token_index``), used
+        ``token_index``: flat positions of the real tokens (``clusterns.model.packed.token_index``), used
         by the packed training forward when given.
         """
         if self.training:

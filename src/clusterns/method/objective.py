@@ -1,10 +1,10 @@
-"""One training step's ClusterNS objective (DESIGN §4), composed from :mod:`clusterns.clustering`
-and :mod:`clusterns.losses`, plus its validated configuration.
+"""One training step's ClusterNS objective (docs/method.md), composed from :mod:`clusterns.method.clustering`
+and :mod:`clusterns.method.losses`, plus its validated configuration.
 
 The inputs are the **global** batch (the trainer all-gathers ``z1``/``z2`` first, the local
 slice keeping its gradient), so :func:`compute_objective` does the same thing on every process.
 
-The configuration and its validation live in :mod:`clusterns.objective_config` (torch-free,
+The configuration and its validation live in :mod:`clusterns.method.settings` (torch-free,
 so the workflow can check configs quickly); they are re-exported here.
 """
 
@@ -15,10 +15,10 @@ import math
 import torch
 from torch import Tensor
 
-from clusterns.clustering import (ClusterState, assign, false_negative_mask, init_centroids,
+from clusterns.method.clustering import (ClusterState, assign, false_negative_mask, init_centroids,
                                   momentum_update, momentum_update_official, nearest_two, one_hot_mask)
-from clusterns.losses import bml_from_cos, cosine_matrix, info_nce_from_cos
-from clusterns.objective_config import ObjectiveConfig, ObjectiveConfigError
+from clusterns.method.losses import bml_from_cos, cosine_matrix, info_nce_from_cos
+from clusterns.method.settings import ObjectiveConfig, ObjectiveConfigError
 
 __all__ = ["ObjectiveConfig", "ObjectiveConfigError", "compute_objective", "STAT_KEYS"]
 
@@ -36,7 +36,7 @@ def _scalar(value: float, device: torch.device) -> Tensor:
 def compute_objective(z1: Tensor, z2: Tensor, state: ClusterState, cfg: ObjectiveConfig, step: int,
                       rng: torch.Generator | None,
                       autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The loss of one step on the global batch and its statistics (DESIGN §4).
+    """The loss of one step on the global batch and its statistics (docs/method.md).
 
     Before initialisation (kmeans > 0): if ``avg = mean(cos(z1_i, z2_j))`` over the whole B x B
     matrix is <= ``kmean_cosine``, initialise the centroids from ``first_index =
@@ -63,7 +63,6 @@ def compute_objective(z1: Tensor, z2: Tensor, state: ClusterState, cfg: Objectiv
     computed this step (bml, hard_negative_cos and the cluster sizes before clustering starts
     or with that part switched off); n_false_negative_pairs is 0 before the start.
     """
-    cfg.validate()
     if not isinstance(z1, Tensor) or not isinstance(z2, Tensor) or z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError("z1 and z2 must be 2-D tensors of the same shape [B, D]; got "
                          f"{getattr(z1, 'shape', z1)!s} and {getattr(z2, 'shape', z2)!s}")
