@@ -212,3 +212,28 @@ def test_precomputed_index_two_views_and_no_host_sync(backbone, monkeypatch):
     # the same operations on the same inputs: bit-identical, not merely close
     torch.testing.assert_close(z1, ref1, rtol=0, atol=0)
     torch.testing.assert_close(z2, ref2, rtol=0, atol=0)
+
+
+def test_per_token_work_runs_on_the_real_tokens_only(backbone):
+    """A hook on every layer's FFN sees exactly the real-token rows (T = mask.sum(), not B x L),
+    and they are the HF forward's FFN inputs at the real positions."""
+    backbone.eval()
+    ids, mask = ragged_batch(backbone, [9, 4, 1, 9, 6])
+    keep = mask.bool()
+    seen = {}
+
+    def hook(name):
+        return lambda module, inputs, output: seen.setdefault(name, []).append(inputs[0].detach())
+
+    handles = [layer.intermediate.register_forward_hook(hook(i)) for i, layer in enumerate(backbone.encoder.layer)]
+    try:
+        with torch.no_grad():
+            packed_forward(backbone, ids, mask)
+            backbone(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, (packed_in, hf_in) in seen.items():
+        assert packed_in.shape == (int(mask.sum()), backbone.config.hidden_size), (i, packed_in.shape)
+        assert hf_in.shape[:2] == ids.shape  # HF: every position, pads included
+        assert_close_on_scale(packed_in, hf_in[keep], msg=f"layer {i} FFN input")

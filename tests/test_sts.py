@@ -24,6 +24,10 @@ FIXTURE = Path(__file__).resolve().parent / "data" / "sts_fixture"
 FIXTURE_COUNTS = {"STS12": 23, "STS13": 15, "STS14": 30, "STS15": 22, "STS16": 24,
                   "STSBenchmark": 7, "SICKRelatedness": 8}
 FIXTURE_DEV_COUNTS = {"STSBenchmark": 5, "SICKRelatedness": 5}
+# The evaluator's scores of the packaged all-MiniLM-L6-v2 on the mirror (avg pooler, fp32, batch 128),
+# as measured on 2026-12-01 (the same numbers as the demo's base row).
+MINILM_TEST_SCORES = {"STS12": 72.3674, "STS13": 80.6032, "STS14": 75.5891, "STS15": 85.3896, "STS16": 78.9895,
+                      "STSBenchmark": 82.0325, "SICKRelatedness": 77.1469, "avg": 78.8740}
 REAL_COUNTS = {"STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
                "STSBenchmark": 1379, "SICKRelatedness": 4927}
 
@@ -420,6 +424,11 @@ def test_real_data_test_mode_minilm(minilm, senteval_dir, tmp_path, capsys):
     with capsys.disabled():
         print(f"\n{captured.out}\nwall {wall:.1f} s, {meta['n_sentences']} sentences, "
               f"{meta['sentences_per_second']:.0f} sentences/s")
+    # Regression pin: the evaluator's scores of the packaged MiniLM on the mirror (mean pooling,
+    # fp32). A change in parsing, pairing, normalisation, pooling or scoring moves them by far more
+    # than 0.01; float32 reordering on another CPU moves them by < 1e-4.
+    for task, score in MINILM_TEST_SCORES.items():
+        assert data[task] == pytest.approx(score, abs=0.01), (task, data[task], score)
 
 
 @pytest.mark.slow

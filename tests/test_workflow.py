@@ -312,7 +312,10 @@ def test_demo_dag_dry_run(tmp_path, mirror):
     counts = job_counts(res.stdout)
     assert counts == Counter({"fetch_wiki": 1, "fetch_senteval": 1, "unpack_senteval": 1, "tokenize": 1,
                               "evaluate_base": 1, "train": 2, "evaluate": 2, "report_manifest": 1, "tables": 1,
-                              "plots": 1, "default": 1})
+                              "plots": 1, "default": 1,
+                              # short-text clustering: the eight sets, the base row, both runs, the table
+                              "fetch_clustering": 8, "cluster_eval_base": 1, "cluster_eval": 2,
+                              "clustering_table": 1})
     assert "--mirror" not in res.stdout  # the environment variable is read by the stage itself
 
 

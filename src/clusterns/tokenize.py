@@ -36,6 +36,17 @@ def read_sentences(path: str | Path) -> tuple[list[str], dict]:
     return sentences, stats
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's vocabulary and special tokens: two caches agree only when built
+    with tokenizers that map the same strings to the same ids."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    return hashlib.sha256(json.dumps([vocab, specials]).encode()).hexdigest()
+
+
 def tokenize_to_disk(model: str | Path, input_path: str | Path, output: str | Path, max_length: int,
                      num_proc: int = 1, batch_size: int = 1000, sentence_only: bool = False) -> dict:
     """Tokenize every sentence and save.
@@ -74,6 +85,7 @@ def tokenize_to_disk(model: str | Path, input_path: str | Path, output: str | Pa
         "format": "sentence_only" if sentence_only else "full",
         "tokenizer": str(model),
         "tokenizer_class": type(tokenizer).__name__,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "source": str(input_path),
         "source_sha256": sha256_file(input_path),
         "seconds": round(time.perf_counter() - t0, 2),

@@ -48,8 +48,9 @@ from clusterns.model.packed import check_against_hf, unsupported_reason
 from clusterns.model.prompt import PromptEncoder, make_prompt_collate, template_pair
 from clusterns.training import TrainingError
 from clusterns.training.checkpoint import Checkpoints, LoopState, hparams_digest
-from clusterns.training.data import (GlobalBatchSampler, TokenizedSentences, load_training_data, make_collate,
-                                     per_process_batch, total_steps)
+from clusterns.training.data import (GlobalBatchSampler, TokenizedSentences, check_tokenizer, load_training_data,
+                                     make_collate, per_process_batch, total_steps)
+from clusterns.training.faults import fault, injected
 from clusterns.training.logs import TRAIN_LOG, StepLog, copy_logs, reset_logs
 from clusterns.training.selection import DevSelection, EarlyStopping
 from clusterns.utils.files import atomic_path, sha256_file, write_json_atomic
@@ -78,6 +79,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     steps = total_steps(len(ds), global_batch, tr["epochs"], tr["max_steps"])
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_tokenizer(data_dir, data_stats, tokenizer, model_dir)
     model, collate = build_model(hp, model_dir, tokenizer)
     model.to(accelerator.device)  # before the optimizer: fused AdamW needs its parameters on the GPU
     packed = enable_packed(model, tr["packed"], accelerator)
@@ -118,6 +120,9 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         z1, z2 = gather_with_grad(z1, accelerator), gather_with_grad(z2, accelerator)
         loss, stats = compute_objective(z1, z2, loop.cluster_state, objective, step, loop.rng,
                                         autocast_dtype=matmul_dtype)
+        if injected("nan", "loss", step):
+            loss = loss * float("nan")
+            stats = {**stats, "loss": stats["loss"] * float("nan")}
         accelerator.backward(loss * world)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         log.record(step, {**stats, "grad_norm": grad_norm}, scheduler.get_last_lr()[0])
@@ -141,6 +146,7 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
         if step % tr["save_steps"] == 0 and not last:
             checkpoints.save(step)
             log.restart_clock()
+        fault("step", step, main_process)
     log.flush()
     if progress is not None:
         progress.close()
@@ -232,6 +238,9 @@ def enable_packed(model, wanted: bool, accelerator) -> str:
     reason = unsupported_reason(model.backbone)
     if reason is None:
         try:
+            if injected("mismatch", "packed", 0):
+                raise RuntimeError("the packed forward differs from the backbone's own forward (injected by "
+                                   "CLUSTERNS_FAULT); set training.packed: false")
             diff = check_against_hf(model.backbone)
         except RuntimeError as e:
             reason = str(e)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from clusterns.training import TrainingError
+from clusterns.training.faults import fault
 from clusterns.training.selection import EarlyStopping
 from clusterns.utils.files import write_json_atomic
 
@@ -73,7 +75,14 @@ class Checkpoints:
         """Load the checkpoint when it is this run's; move one of other settings or another process
         count aside (``<state_dir>.stale-<time>``) and start from step 0. Returns what was loaded."""
         acc = self.accelerator
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.state_dir / f".writable-{acc.process_index}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise TrainingError(f"cannot write to the state folder {self.state_dir} ({e}); make it writable "
+                                "(or free space) and rerun") from None
         ckpt = self.find()
         if ckpt is None:
             return None
@@ -92,19 +101,32 @@ class Checkpoints:
         return None
 
     def save(self, step: int) -> None:
+        """Write the checkpoint of ``step``; a write failure (a full disk, a lost mount) stops the
+        run with a message and leaves the previous checkpoint as it was, ready to resume."""
         acc = self.accelerator
         ckpt, tmp, old = (self.state_dir / n for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        try:
+            if acc.is_main_process and tmp.exists():
+                shutil.rmtree(tmp)
+            acc.wait_for_everyone()
+            fault("save", step)
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                write_json_atomic(tmp / META_FILE, {"digest": self.digest, "world": self.world, "step": step})
+        except OSError as e:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.find()
+            kept = f"the checkpoint {previous} is intact; " if previous else "no earlier checkpoint exists; "
+            raise TrainingError(f"cannot write the checkpoint of step {step} to {tmp} ({e}); {kept}free space or "
+                                "fix the folder and rerun to resume") from None
         if acc.is_main_process:
-            write_json_atomic(tmp / META_FILE, {"digest": self.digest, "world": self.world, "step": step})
             if ckpt.exists():
                 if old.exists():
                     shutil.rmtree(old)
                 os.replace(ckpt, old)
+            fault("rename", step)
             os.replace(tmp, ckpt)
             if old.exists():
                 shutil.rmtree(old)

@@ -11,7 +11,7 @@ from clusterns.model.packed import token_index
 from clusterns.training import TrainingError
 
 __all__ = ["TokenizedSentences", "GlobalBatchSampler", "make_collate", "total_steps", "per_process_batch",
-           "load_training_data"]
+           "load_training_data", "check_tokenizer"]
 
 
 class TokenizedSentences(torch.utils.data.Dataset):
@@ -99,16 +99,36 @@ def per_process_batch(global_batch: int, processes: int) -> int:
 
 
 def load_training_data(data_dir: Path, sentence_only: bool):
-    """The tokenized cache and its statistics; refused when missing or of the other format."""
+    """The tokenized cache and its statistics; refused when missing, incomplete (fewer rows than
+    it recorded, or unreadable) or of the other format."""
     from clusterns.tokenize import STATS_FILE, load_tokenized
 
+    rebuild = f"delete {data_dir} and rebuild it (snakemake {data_dir})"
     try:
         ds = load_tokenized(data_dir)
+        stats = json.loads((data_dir / STATS_FILE).read_text())
     except FileNotFoundError as e:
         raise TrainingError(str(e)) from None
-    stats = json.loads((data_dir / STATS_FILE).read_text())
+    except Exception as e:  # a cut arrow file, bad JSON: datasets/pyarrow raise many kinds
+        raise TrainingError(f"the tokenized cache {data_dir} cannot be read ({type(e).__name__}: {e}); "
+                            f"{rebuild}") from None
+    if "sentences" in stats and len(ds) != stats["sentences"]:
+        raise TrainingError(f"the tokenized cache {data_dir} holds {len(ds)} sentences but was written with "
+                            f"{stats['sentences']}: it is incomplete; {rebuild}")
     expected = "sentence_only" if sentence_only else "full"
     if stats.get("format", "full") != expected:  # caches written before the format was recorded are full
         raise TrainingError(f"the tokenized cache {data_dir} has format {stats.get('format', 'full')!r} but this "
                             f"run needs {expected!r} (prompt runs use python -m clusterns.tokenize --sentence-only)")
     return ds, stats
+
+
+def check_tokenizer(data_dir: Path, stats: dict, tokenizer, model_dir) -> None:
+    """Refuse a cache tokenized with another tokenizer than the run's backbone's (token ids would
+    mean other words); caches written before the fingerprint was recorded are not checked."""
+    from clusterns.tokenize import tokenizer_fingerprint
+
+    recorded = stats.get("tokenizer_sha256")
+    if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+        raise TrainingError(f"the tokenized cache {data_dir} was built with another tokenizer "
+                            f"({stats.get('tokenizer')}) than the backbone's ({model_dir}); tokenize with this "
+                            f"backbone (python -m clusterns.tokenize --model {model_dir} ...)")
