@@ -86,6 +86,12 @@ def test_slurm_profile_names_real_rules_and_keeps_the_gpu_of_each_run():
     assert {"train", "evaluate", "tokenize", "fetch_wiki"} <= rules
     assert set(prof["set-resources"]) <= rules, set(prof["set-resources"]) - rules
     assert set(prof["set-threads"]) <= rules
+    # every rule that reaches SLURM has its resources set (the local rule report_manifest never does)
+    assert rules - set(prof["set-resources"]) <= {"report_manifest", "partial_report", "all", "default"}, \
+        rules - set(prof["set-resources"])
+    # the evaluations that encode text ask for a GPU
+    for rule in ("evaluate", "evaluate_base", "evaluate_released", "transfer", "cluster_eval", "mteb"):
+        assert prof["set-resources"][rule].get("gpu") == 1, rule
     # the rule's own gpu resource (= training.gpus of each run) reaches sbatch: never overridden
     assert "gpu" not in prof["set-resources"]["train"]
     for rule, threads in prof["set-threads"].items():  # cpus-per-task = the threads the job uses

@@ -461,3 +461,79 @@ def test_exported_model_describes_its_pooler(tmp_path, mirror, prompt):
     for task in sts.TASKS["test"]:
         assert implicit[task] == explicit[task], task
     assert implicit.get("other_protocols") == explicit.get("other_protocols")
+
+
+def test_tensorboard_tracking_mirrors_every_logged_step(tokenized, tmp_path):
+    """training.report_to: tensorboard writes the per-step rows (and the dev rows) as scalars; read
+    back from the event file they are the train_log.csv values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hp = hparams(training={"max_steps": 5, "log_steps": 2, "report_to": "tensorboard"})
+    res = run_stage(tokenized, "tracked", hp)
+    assert res.returncode == 0, res.stdout + res.stderr
+    events = list((tokenized / "tracked/run/tracking").rglob("events.out.tfevents.*"))
+    assert events, list((tokenized / "tracked/run").rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    log = read_log(tokenized / "tracked/run/train_log.csv")
+    for key in ("loss", "infonce", "avg_cos", "grad_norm", "lr"):
+        scalars = acc.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == [int(r["step"]) for r in log] == [1, 2, 3, 4, 5], key
+        for s, row in zip(scalars, log):
+            assert s.value == pytest.approx(float(row[key]), rel=1e-5, abs=1e-7), (key, s.step)
+
+
+def test_exported_model_is_a_complete_sentence_transformers_folder_with_a_card(tokenized):
+    res = run_stage(tokenized, "st_export", hparams(training={"max_steps": 2}))
+    assert res.returncode == 0, res.stdout + res.stderr
+    model = tokenized / "st_export/run/model"
+    st = json.loads((model / "config_sentence_transformers.json").read_text())
+    assert st["similarity_fn_name"] == "cosine" and st["__version__"]["transformers"]
+    assert json.loads((model / "sentence_bert_config.json").read_text())["max_seq_length"] == 512  # no STS cut
+    card = (model / "README.md").read_text()
+    assert "library_name: sentence-transformers" in card and "SentenceTransformer('PATH')" in card
+    assert "@inproceedings{deng-etal-2023-clustering" in card and "seed 7" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pooler", ["cls", "avg"])
+def test_sentence_transformers_embeds_an_exported_model_as_our_evaluator(minilm_data, senteval_dir, pooler):
+    """SentenceTransformer(path) on a run's exported model: the evaluator's embeddings (to float32
+    rounding) and, scored with our cosine and correlation, the STS-B test Spearman of clusterns.sts."""
+    from sentence_transformers import SentenceTransformer
+
+    from clusterns.evaluation import sts
+    from clusterns.evaluation.base import load_model
+
+    eval_pooler = "cls_before_pooler" if pooler == "cls" else "avg"
+    name = f"st_{pooler}"
+    res = run_stage(minilm_data, name, hparams(training={"max_steps": 2}, pooler=pooler, eval_pooler=eval_pooler))
+    assert res.returncode == 0, res.stdout + res.stderr
+    model_dir = minilm_data / name / "run/model"
+    task = sts.load_tasks(senteval_dir, "test", ["STSBenchmark"])[0]
+    sentences = sts.distinct_sentences([task])
+    ours = load_model(model_dir).embedder()(sentences)
+    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(sentences, batch_size=128,
+                                                                       convert_to_numpy=True)
+    assert_close_on_scale(theirs, ours)
+    expected = sts.evaluate(model_dir, None, senteval_dir, "test", tasks=["STSBenchmark"])["STSBenchmark"]
+    row = {s: i for i, s in enumerate(sentences)}
+    split = task.subsets[0]
+    sims = sts.cosine_rows(theirs[[row[s] for s in split.sent1]], theirs[[row[s] for s in split.sent2]])
+    assert sts.correlations(sims, split.gold)["spearman"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_run_warns_when_installed_versions_differ_from_the_lock(tmp_path, monkeypatch, capsys):
+    from clusterns import train
+    from clusterns.utils import provenance
+
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# test\ntorch==0.0.1\nnumpy==" + __import__("numpy").__version__ + "\n")
+    monkeypatch.setattr(provenance, "LOCK_FILE", lock)
+    diff = provenance.lock_differences(path=lock)
+    assert set(diff) == {"torch"} and diff["torch"]["locked"] == "0.0.1"
+    monkeypatch.setattr(provenance.lock_differences, "__defaults__",
+                        (provenance.lock_differences.__defaults__[0], lock))
+    train.warn_about_lock()
+    assert "differ from requirements/lock.txt: torch" in capsys.readouterr().out
+    assert provenance.environment()["lock_differences"] == diff

@@ -180,7 +180,8 @@ RULE_STAGES = {
     "transfer": ("transfer",), "transfer_table": ("transfer",), "tables": ("report",), "plots": ("report",),
     "partial_report": ("report",), "report_manifest": (), "fetch_clustering": ("data",),
     "cluster_eval": ("cluster_eval",), "cluster_eval_base": ("cluster_eval",), "cluster_eval_released": ("cluster_eval",),
-    "clustering_table": ("cluster_eval",),
+    "clustering_table": ("cluster_eval",), "release": ("release",), "push": ("release",),
+    "mteb": ("mteb_eval",), "mteb_base": ("mteb_eval",), "mteb_released": ("mteb_eval",), "mteb_table": ("mteb_eval",),
 }
 # Rules that list no code: downloads (fixed by their checksums and pinned revisions), the
 # manifest (a printf of a param), and partial_report (reruns every time).
@@ -216,6 +217,8 @@ def test_each_rule_lists_the_sources_its_stage_imports_relative_to_the_workdir(t
     not, at the top of a module or inside a function), named relative to the working directory."""
     c = load("demo.yaml")
     c["transfer"] = {"enabled": True}
+    c["mteb"] = {"enabled": True, "local_stsb": True, "tasks": ["STSBenchmark"]}
+    c["release"] = {"push": True, "repo_id": "me/{method}-{backbone}-seed{seed}"}  # a dry run: nothing leaves
     c["released"] = {"r": {"model": "org/model", "method": "simcse", "backbone": "minilm", "pooler": "avg"}}
     c["backbones"]["hub"] = {"model": "org/bert", "family": "bert"}  # a base row: fetch_backbone
     res = snakemake(tmp_path, "-n", "-p", configfile=write_config(tmp_path, c), env={"CLUSTERNS_MIRROR": str(mirror)})
@@ -315,7 +318,8 @@ def test_demo_dag_dry_run(tmp_path, mirror):
                               "plots": 1, "default": 1,
                               # short-text clustering: the eight sets, the base row, both runs, the table
                               "fetch_clustering": 8, "cluster_eval_base": 1, "cluster_eval": 2,
-                              "clustering_table": 1})
+                              "clustering_table": 1,
+                              "release": 2})  # each run's publishable folder (model + card)
     assert "--mirror" not in res.stdout  # the environment variable is read by the stage itself
 
 
@@ -429,6 +433,7 @@ def test_a_change_in_a_module_train_imports_indirectly_reruns_training_and_what_
         expected["evaluate_base"] = 1
     if load("demo.yaml")["clustering"]["enabled"]:  # the runs' clustering scores and their table follow
         expected.update(cluster_eval=2, clustering_table=1)
+    expected["release"] = 2  # and each run's release folder (model + card)
     assert counts == Counter(expected), counts
 
 
@@ -548,3 +553,42 @@ def test_prompt_run_and_transfer_tasks_end_to_end(tmp_path, mirror, tiny_bert):
     # Nothing left to do: a rerun is a no-op
     again = snakemake(tmp_path, "-n", configfile=conf, env=env)
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The catalog's test case: .test/config/config.yaml runs every rule (but hub downloads, the upload)
+
+
+def catalog_workdir(tmp_path: Path) -> Path:
+    """A working directory for the .test config, with its random tiny backbone written in."""
+    workdir = tmp_path / "test-case"
+    res = subprocess.run([sys.executable, str(ROOT / ".test" / "make_tiny_backbone.py"),
+                          str(workdir / "resources" / "tiny-bert")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return workdir
+
+
+def test_catalog_test_config_lints_clean(tmp_path):
+    res = snakemake(catalog_workdir(tmp_path), "--lint", configfile=ROOT / ".test" / "config" / "config.yaml")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "Lints for" not in out, out
+
+
+@pytest.mark.slow
+def test_catalog_test_config_runs_every_rule(tmp_path, mirror):
+    workdir = catalog_workdir(tmp_path)
+    config = ROOT / ".test" / "config" / "config.yaml"
+    res = snakemake(workdir, "--cores", "2", configfile=config, env={"CLUSTERNS_MIRROR": str(mirror)}, timeout=2400)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-8000:]
+    ran = set(re.findall(r"^(?:local)?rule (\w+):", res.stdout + res.stderr, re.M))
+    rules = set(re.findall(r"^\s*(?:rule|use rule \w+ as) (\w+)", "\n".join(
+        p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk")), re.M))
+    not_offline = {"fetch_backbone", "fetch_released", "push", "partial_report"}  # hub, upload, on demand
+    assert rules - not_offline <= ran, sorted(rules - not_offline - ran)
+    for table in ("main", "ablation", "paired", "transfer", "clustering", "mteb"):
+        assert (workdir / "results" / "tables" / f"{table}.md").stat().st_size > 100, table
+    for method in ("simcse", "clusterns", "clusterns-prompt"):
+        release = workdir / f"results/runs/{method}/tiny/seed1/release"
+        assert (release / "README.md").is_file() and (release / "config.json").is_file()
+    again = snakemake(workdir, "-n", configfile=config, env={"CLUSTERNS_MIRROR": str(mirror)})
+    assert "Nothing to be done" in again.stdout + again.stderr

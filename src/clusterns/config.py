@@ -42,6 +42,7 @@ TRAINING_DEFAULTS = {
     "num_workers": 2,
     "eval_batch_size": 128,
     "packed": True,
+    "report_to": "none",  # experiment tracking through accelerate: tensorboard, wandb, mlflow, ... (or all)
 }
 # A prompt method's settings (``methods.<name>.prompt``; ``{}`` = all of these).
 PROMPT_DEFAULTS = {
@@ -57,6 +58,13 @@ METHOD_DEFAULTS = {"group": "main", "objective": {}, "training": {}, "prompt": N
 EVALUATION_DEFAULTS = {"batch_size": 128, "dtype": "fp32", "base": True}
 TRANSFER_DEFAULTS = {"enabled": False, "mode": "fast", "max_examples": None}
 REPORT_DEFAULTS = {"paired": [], "ablation_reference": "clusterns", "plots": True}
+# MTEB (the mteb package) on every run, base backbone and released checkpoint: off by default
+# (its data comes from the Hugging Face Hub). local_stsb builds its STSBenchmark from SentEval.
+MTEB_DEFAULTS = {"enabled": False, "local_stsb": False,
+                 "tasks": ["STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R", "BIOSSES"]}
+# The publishable folder of every run (model files + model card with its results) and the
+# optional upload to the Hugging Face Hub (off: nothing leaves the machine unless asked).
+RELEASE_DEFAULTS = {"enabled": True, "push": False, "repo_id": "{method}-{backbone}-seed{seed}", "private": True}
 # Short-text clustering (the paper's Table 6): the official protocol unless changed here.
 CLUSTERING_DEFAULTS = {
     "enabled": False,
@@ -144,6 +152,8 @@ def resolve(config: dict) -> dict:
     c["transfer"] = _filled(TRANSFER_DEFAULTS, c.get("transfer"))
     c["report"] = _filled(REPORT_DEFAULTS, c.get("report"))
     c["clustering"] = _filled(CLUSTERING_DEFAULTS, c.get("clustering"))
+    c["release"] = _filled(RELEASE_DEFAULTS, c.get("release"))
+    c["mteb"] = _filled(MTEB_DEFAULTS, c.get("mteb"))
     return c
 
 

@@ -43,6 +43,7 @@ from clusterns.method.clustering import ClusterState
 from clusterns.method.objective import compute_objective
 from clusterns.method.settings import ObjectiveConfig, ObjectiveConfigError
 from clusterns.model.encoder import SentenceEncoder, duplicate_views, load_backbone
+from clusterns.model.card import model_card
 from clusterns.model.export import export_model
 from clusterns.model.packed import check_against_hf, unsupported_reason
 from clusterns.model.prompt import PromptEncoder, make_prompt_collate, template_pair
@@ -69,8 +70,11 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
     run_dir, state_dir, data_dir = Path(run_dir), Path(state_dir), Path(data_dir)
     cuda = torch.cuda.is_available()
     mp = resolve_mixed_precision(tr["mixed_precision"], cuda)
-    accelerator = Accelerator(mixed_precision=mp, cpu=not cuda)
+    tracking = None if tr["report_to"] == "none" else tr["report_to"]
+    accelerator = Accelerator(mixed_precision=mp, cpu=not cuda, log_with=tracking, project_dir=run_dir / "tracking")
     world, main_process = accelerator.num_processes, accelerator.is_main_process
+    if main_process:
+        warn_about_lock()
     global_batch = int(tr["batch_size"])
     local_batch = per_process_batch(global_batch, world)
     objective = objective_settings(hp, global_batch)
@@ -92,15 +96,19 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
                      rng=torch.Generator().manual_seed(seed), digest=hparams_digest(hp))
     accelerator.register_for_checkpointing(loop)
 
+    if tracking is not None:  # experiment tracking mirrors the log rows (training.report_to)
+        accelerator.init_trackers(f"{hp['method']}-{hp['backbone']}-seed{seed}", config=tracker_config(hp))
     checkpoints = Checkpoints(accelerator, state_dir, loop.digest)
     resumed = checkpoints.resume()
     if resumed is not None:
         accelerator.print(f"resumed from {resumed} at step {loop.step}")
     if main_process:
         reset_logs(state_dir, loop.step if resumed is not None else None)
-    log = StepLog(state_dir / TRAIN_LOG, accelerator.device, global_batch, write=main_process)
-    export = ModelExporter(accelerator, model, tokenizer, tr["max_seq_length"], prompt)
-    selection = DevSelection(accelerator, senteval_dir, state_dir, tokenizer, tr["eval_batch_size"], export)
+    log = StepLog(state_dir / TRAIN_LOG, accelerator.device, global_batch, write=main_process,
+                  tracker=accelerator if tracking is not None else None)
+    export = ModelExporter(accelerator, model, tokenizer, prompt)
+    selection = DevSelection(accelerator, senteval_dir, state_dir, tokenizer, tr["eval_batch_size"], export,
+                             track=tracking is not None)
     loader = torch.utils.data.DataLoader(
         TokenizedSentences(ds), batch_sampler=GlobalBatchSampler(len(ds), global_batch, accelerator.process_index,
                                                                  world, seed, loop.step, steps),
@@ -176,6 +184,27 @@ def train(hp: dict, data_dir: str | Path, model_dir: str | Path, senteval_dir: s
 
 # ------------------------------------------------------------------------------------------------
 # Building the run
+
+
+def warn_about_lock() -> None:
+    """Say so at the start when installed libraries differ from requirements/lock.txt (the
+    versions CI passed with): scores can move with them (run.json records both)."""
+    from clusterns.utils.provenance import lock_differences
+
+    diff = lock_differences()
+    if diff:
+        listed = ", ".join(f"{k} {v['installed']} (locked {v['locked']})" for k, v in sorted(diff.items()))
+        print(f"[clusterns.train] warning: installed versions differ from requirements/lock.txt: {listed}; "
+              "scripts/install --locked installs the tested ones", flush=True)
+
+
+def tracker_config(hp: dict) -> dict:
+    """The run's settings as flat scalars (what TensorBoard's hparams and the other trackers take)."""
+    flat = {"method": hp["method"], "backbone": hp["backbone"], "seed": hp["seed"], "pooler": hp["pooler"]}
+    for section in ("training", "objective"):
+        for key, value in hp[section].items():
+            flat[f"{section}/{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def objective_settings(hp: dict, global_batch: int) -> ObjectiveConfig:
@@ -256,14 +285,13 @@ class ModelExporter:
     """Writes the model being trained (unwrapped, without the training MLP) into a folder: the
     HF files, the pooler it is evaluated with and, for prompt runs, its template config."""
 
-    def __init__(self, accelerator, model, tokenizer, max_seq_length: int, prompt: dict | None) -> None:
-        self.accelerator, self.model, self.tokenizer = accelerator, model, tokenizer
-        self.max_seq_length, self.prompt = max_seq_length, prompt
+    def __init__(self, accelerator, model, tokenizer, prompt: dict | None) -> None:
+        self.accelerator, self.model, self.tokenizer, self.prompt = accelerator, model, tokenizer, prompt
 
     def __call__(self, out_dir: Path) -> None:
         enc = self.accelerator.unwrap_model(self.model)
         prompt = None if self.prompt is None else enc.config_dict(test_protocol=self.prompt["test_protocol"])
-        export_model(enc.backbone, self.tokenizer, out_dir, enc.eval_pooler, self.max_seq_length, prompt)
+        export_model(enc.backbone, self.tokenizer, out_dir, enc.eval_pooler, prompt)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,10 +380,11 @@ def finish(summary: dict, export: ModelExporter, state_dir: Path, run_dir: Path,
         with atomic_path(best) as tmp:
             export(tmp)
     run_dir.mkdir(parents=True, exist_ok=True)
+    summary["wall_seconds"] = round(time.time() - wall0, 1)
     with atomic_path(run_dir / "model") as tmp:
         shutil.copytree(best, tmp)
+        (tmp / "README.md").write_text(model_card(summary), encoding="utf-8")  # the results: release/
     copy_logs(state_dir, run_dir)
-    summary["wall_seconds"] = round(time.time() - wall0, 1)
     summary["model_sha256"] = {p.name: sha256_file(p) for p in sorted((run_dir / "model").glob("*.safetensors"))}
     write_json_atomic(run_dir / "run.json", summary)
     shutil.rmtree(state_dir, ignore_errors=True)  # finished: checkpoints are no longer needed

@@ -386,6 +386,63 @@ def clustering_rows():
     return rows
 
 
+# ------------------------------------------------------------------------------------------------
+# MTEB
+
+
+def mteb_args():
+    tasks = " ".join(CONFIG["mteb"]["tasks"])
+    local = " --local-stsb resources/senteval" if CONFIG["mteb"]["local_stsb"] else ""
+    return f"--tasks {tasks}{local}"
+
+
+def mteb_rows():
+    """The MTEB table's inputs (each with its sts_test.json): every run, base, released."""
+    return [
+        {
+            "mteb": row["path"].replace("clustering.json", "mteb.json"),
+            "sts": row["path"].replace("clustering.json", "sts_test.json"),
+            "label": row["label"]
+            + {"run": "", "base": " (base)", "released": " (released)"}[row["kind"]],
+        }
+        for row in clustering_rows()
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Release folders and the Hub
+
+
+def release_inputs(w):
+    """What a run's release folder (model + card) is built from: the model, run.json and every
+    evaluation the config computes for runs."""
+    run = f"results/runs/{w.method}/{w.backbone}/seed{w.seed}"
+    inputs = {
+        "model": f"{run}/model",
+        "summary": f"{run}/run.json",
+        "sts": f"{run}/sts_test.json",
+    }
+    if CONFIG["transfer"]["enabled"]:
+        inputs["transfer"] = f"{run}/transfer.json"
+    if CLUSTERING["enabled"]:
+        inputs["clustering"] = f"{run}/clustering.json"
+    return inputs
+
+
+def release_result_args(w, input):
+    return " ".join(
+        f"--{k} {input[k]}"
+        for k in ("sts", "transfer", "clustering")
+        if k in input.keys()
+    )
+
+
+def hub_repo_id(w):
+    return CONFIG["release"]["repo_id"].format(
+        method=w.method, backbone=w.backbone, seed=w.seed
+    )
+
+
 def final_targets():
     """What `snakemake` with no target builds: every run evaluated, tables, plots."""
     targets = run_files("sts_test.json") + base_scores() + released_scores()
@@ -394,4 +451,10 @@ def final_targets():
         targets += ["results/tables/transfer.md", "results/tables/transfer.csv"]
     if CLUSTERING["enabled"]:
         targets += [f"results/tables/clustering.{ext}" for ext in ("md", "csv", "tex")]
+    if CONFIG["mteb"]["enabled"]:
+        targets += ["results/tables/mteb.md", "results/tables/mteb.csv"]
+    if CONFIG["release"]["enabled"]:
+        targets += run_files("release")
+    if CONFIG["release"]["push"]:
+        targets += run_files("pushed.json")
     return targets

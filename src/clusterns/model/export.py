@@ -14,13 +14,13 @@ __all__ = ["export_model"]
 _ST_POOLING = {"cls_before_pooler": "pooling_mode_cls_token", "avg": "pooling_mode_mean_tokens"}
 
 
-def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, max_seq_length: int,
-                 prompt_config: dict | None = None) -> None:
+def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, prompt_config: dict | None = None) -> None:
     """Save the encoder (no training MLP) in HF format plus sentence-transformers module files.
 
     ``SentenceTransformer(out_dir)`` then embeds with the evaluation pooler (CLS token for
-    ``cls_before_pooler``, mean for ``avg``); other poolers are not expressible there and are
-    recorded in ``clusterns_pooler.json`` only.
+    ``cls_before_pooler``, mean for ``avg``) and cosine similarity, without cutting any input the
+    backbone can take; other poolers are not expressible there and are recorded in
+    ``clusterns_pooler.json`` only (the model card says how to embed such a model).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(out_dir, safe_serialization=True)
@@ -44,5 +44,31 @@ def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, max_seq_l
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ])
-    write_json_atomic(out_dir / "sentence_bert_config.json", {"max_seq_length": max(max_seq_length, 128),
+    write_json_atomic(out_dir / "sentence_bert_config.json", {"max_seq_length": input_limit(backbone, tokenizer),
                                                               "do_lower_case": False})
+    write_json_atomic(out_dir / "config_sentence_transformers.json", {
+        "__version__": _versions(), "model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+        "similarity_fn_name": "cosine"})
+
+
+def input_limit(backbone, tokenizer) -> int:
+    """The longest input the backbone takes (its position table, RoBERTa's two reserved rows
+    aside), so that sentence-transformers never cuts a sentence our evaluator embeds whole."""
+    positions = int(getattr(backbone.config, "max_position_embeddings", 512))
+    if getattr(backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(backbone.config.pad_token_id) + 1
+    declared = getattr(tokenizer, "model_max_length", None)
+    return min(positions, int(declared)) if isinstance(declared, int) and declared < 10**6 else positions
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for key, dist in (("sentence_transformers", "sentence-transformers"), ("transformers", "transformers"),
+                      ("pytorch", "torch")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+    return out

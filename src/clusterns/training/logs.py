@@ -87,8 +87,9 @@ class StepLog:
     after evaluations and checkpoints).
     """
 
-    def __init__(self, path: Path, device, global_batch: int, write: bool) -> None:
+    def __init__(self, path: Path, device, global_batch: int, write: bool, tracker=None) -> None:
         self.path, self.device, self.global_batch, self.write = path, device, global_batch, write
+        self.tracker = tracker  # an Accelerator with trackers (training.report_to): each row is logged to them
         self.pending: list[tuple[int, list[torch.Tensor], float]] = []
         self.nonfinite = torch.tensor(-1, device=device)  # first step with a non-finite loss (no per-step sync)
         self.losses: list[float] = []
@@ -123,5 +124,9 @@ class StepLog:
             rows.append(row)
         if self.write:
             append_rows(self.path, TRAIN_LOG_FIELDS, rows)
+        if self.tracker is not None:
+            for (step, _, lr), vals in zip(self.pending, values):
+                self.tracker.log({**{f"train/{k}": x for k, x in zip(STAT_KEYS, vals)}, "train/lr": lr,
+                                  "train/sentences_per_s": rate}, step=step)
         self.pending.clear()
         self.restart_clock()

@@ -66,11 +66,11 @@ class DevSelection:
     """
 
     def __init__(self, accelerator, senteval_dir, state_dir: Path, tokenizer, batch_size: int,
-                 export: Callable[[Path], None]) -> None:
+                 export: Callable[[Path], None], track: bool = False) -> None:
         from clusterns.evaluation.sts import load_tasks
 
         self.accelerator, self.state_dir, self.tokenizer = accelerator, Path(state_dir), tokenizer
-        self.batch_size, self.export = batch_size, export
+        self.batch_size, self.export, self.track = batch_size, export, track
         self.tasks = load_tasks(senteval_dir, mode="dev") if senteval_dir is not None and accelerator.is_main_process \
             else None
 
@@ -88,6 +88,9 @@ class DevSelection:
         if metrics is None:
             return
         is_best = stopper.update(step, metrics[0])
+        if self.track:
+            acc.log({"dev/stsb_spearman": metrics[0], "dev/sickr_spearman": metrics[1], "dev/is_best": int(is_best)},
+                    step=step)
         if not acc.is_main_process:
             return
         if is_best:
