@@ -173,3 +173,14 @@ def mirror() -> Path:
         pytest.fail(f"data mirror not found at {MIRROR}: clone the project next to shared/ "
                     "or set CLUSTERNS_TEST_MIRROR")
     return MIRROR
+
+
+@pytest.fixture(scope="session")
+def senteval_dir(mirror, tmp_path_factory) -> Path:
+    """The mirror's senteval.tar, extracted once per session (read-only use)."""
+    import tarfile
+
+    root = tmp_path_factory.mktemp("senteval_shared")
+    with tarfile.open(mirror / "senteval.tar") as tar:
+        tar.extractall(root, filter="data")
+    return root

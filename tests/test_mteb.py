@@ -4,21 +4,12 @@ mirror's SentEval file, the same Spearman as clusterns.sts (same data, same mode
 from __future__ import annotations
 
 import json
-import tarfile
 
 import pytest
 
 pytest.importorskip("mteb")
 
 from clusterns.evaluation import mteb_eval, sts  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def senteval_dir(mirror, tmp_path_factory):
-    root = tmp_path_factory.mktemp("senteval")
-    with tarfile.open(mirror / "senteval.tar") as tar:
-        tar.extractall(root, filter="data")
-    return root
 
 
 @pytest.mark.slow

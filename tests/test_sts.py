@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tarfile
 import time
 from pathlib import Path
 
@@ -392,14 +391,6 @@ def test_cli_user_errors(tiny_bert, tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------
 # Real data (the mirror's senteval.tar) with the packaged MiniLM
-
-
-@pytest.fixture(scope="module")
-def senteval_dir(mirror, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("senteval")
-    with tarfile.open(mirror / "senteval.tar") as tar:
-        tar.extractall(root, filter="data")
-    return root
 
 
 @pytest.mark.slow

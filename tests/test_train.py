@@ -314,16 +314,6 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_run(tokenized):
     assert not (tokenized / "killed/state").exists()  # finished runs drop their checkpoints
 
 
-@pytest.fixture(scope="module")
-def senteval_dir(mirror, tmp_path_factory) -> Path:
-    import tarfile
-
-    root = tmp_path_factory.mktemp("senteval")
-    with tarfile.open(mirror / "senteval.tar") as tar:
-        tar.extractall(root, filter="data")
-    return root
-
-
 @pytest.mark.parametrize("eval_at_end", [False, True])
 def test_dev_evaluation_every_eval_steps_and_at_the_end_only_when_asked(tokenized, senteval_dir, eval_at_end):
     """The official trainer evaluates STS-B dev at multiples of eval_steps only; eval_at_end adds the last step."""

@@ -5,12 +5,10 @@ the finished project reruns."""
 
 from __future__ import annotations
 
-import copy
 import json
 import modulefinder
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter

@@ -37,7 +37,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from clusterns import poolers
 from clusterns.config import resolve_hparams
 from clusterns.method.clustering import ClusterState
 from clusterns.method.objective import compute_objective
