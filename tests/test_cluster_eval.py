@@ -146,6 +146,12 @@ def test_embedding_is_the_last_layer_cls_state_cut_at_128_tokens(tiny_bert):
             np.testing.assert_allclose(row, ref.numpy(), rtol=0, atol=1e-5 * float(ref.abs().max()))
         untruncated = model(**tok([long_text], return_tensors="pt")).last_hidden_state[0, 0]
     assert not np.allclose(got[2], untruncated.numpy(), atol=1e-4)  # the cut matters
+    # Without the cut, an input longer than the position table is refused before encoding.
+    too_long = " ".join(["the man is playing guitar and the dog runs"] * 60)
+    assert len(tok(too_long)["input_ids"]) > 512
+    with pytest.raises(ValueError, match="does not fit the backbone, which takes at most 512"):
+        loaded.embedder()(texts + [too_long])
+    assert loaded.embedder(max_length=128)([too_long]).shape == (1, 32)
 
 
 # ------------------------------------------------------------------------------------------------

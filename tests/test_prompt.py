@@ -388,6 +388,38 @@ def test_eval_embedders_and_no_mlp(which, tiny_bert, bpe_roberta):
     assert np.isfinite(res["STSBenchmark"])
 
 
+@pytest.mark.parametrize("which", ["bert", "roberta"])
+def test_max_length_cuts_the_sentence_never_the_template(which, tiny_bert, bpe_roberta):
+    """The clustering stage's cut: a long sentence embeds as its first max_length tokens with the
+    whole template around them (the [MASK] is still found), for every protocol; an input longer
+    than the position table is refused before anything is encoded."""
+    path = tiny_bert if which == "bert" else bpe_roberta
+    tok, backbone = _tok(path), _backbone(path)
+    cfg = prompt_config(which, TEMPLATES[which], "raw")
+    long_text = " ".join(["the man is playing guitar with a dog"] * 80)  # > 512 tokens on any tiny vocab
+    assert len(tok(long_text, add_special_tokens=False)["input_ids"]) > 520
+    n = 20
+    ids = sentence_only_ids(tok, [long_text], max_len=n)[0]
+    assert len(ids) == n
+    for protocol in ("raw", "denoised", "spliced"):
+        with pytest.raises(ValueError, match="does not fit the backbone"):
+            embedder(backbone, tok, "mask", prompt=cfg, protocol=protocol)([long_text])
+        got = embedder(backbone, tok, "mask", prompt=cfg, protocol=protocol, max_length=n)([long_text, SENTENCES[0]])
+        if protocol == "raw":  # the string cut at the end of its n-th token
+            ends = tok(long_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            want = embedder(backbone, tok, "mask", prompt=cfg, protocol="raw")([long_text[:ends[n - 1][1]]])
+        else:  # the splice of the first n sentence tokens
+            t1 = template_pair(tok)[0]
+            encoder = embedder(backbone, tok, "mask", prompt=cfg, protocol=protocol).encoder
+            with torch.no_grad():
+                encoder.setup([n], torch.device("cpu"))
+                want = encoder.encode([ids], torch.device("cpu")).numpy()
+            assert t1.mask_index(n) < len(t1.prefix_ids) + n + len(t1.suffix_ids)
+        assert_close_on_scale(got[0], want[0])
+        # a short sentence is not changed by the cut
+        assert_close_on_scale(got[1], embedder(backbone, tok, "mask", prompt=cfg, protocol=protocol)([SENTENCES[0]])[0])
+
+
 def test_prompt_config_roundtrip(tiny_bert, tmp_path):
     tok = _tok(tiny_bert)
     t1, t2 = template_pair(tok)

@@ -51,6 +51,19 @@ def test_release_folder_links_the_model_and_its_card_shows_the_run_results(finis
     assert (model / "README.md").read_text() != card  # the model folder keeps its own (results-free) card
 
 
+def test_release_leaves_hidden_bookkeeping_files_of_the_model_out(finished_run, tmp_path):
+    """Snakemake marks a finished directory output with a hidden .snakemake_timestamp; a hard link
+    to it would let the release rule's marker touch the model folder and rerun every evaluation."""
+    marker = finished_run / "model" / ".snakemake_timestamp"
+    marker.touch()
+    before = marker.stat().st_mtime_ns
+    out = release.build_release(finished_run, tmp_path / "release")
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))
+    (out / ".snakemake_timestamp").touch()  # what Snakemake does to the release output
+    os.utime(out / ".snakemake_timestamp", ns=(before + 10**9, before + 10**9))
+    assert marker.stat().st_mtime_ns == before
+
+
 def test_release_of_an_unfinished_run_is_refused(tmp_path, capsys):
     assert release.main(["build", "--run-dir", str(tmp_path), "--output", str(tmp_path / "r")]) == 1
     assert "is not a finished run" in capsys.readouterr().err and not (tmp_path / "r").exists()

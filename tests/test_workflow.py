@@ -509,7 +509,8 @@ def test_prompt_run_and_transfer_tasks_end_to_end(tmp_path, mirror, tiny_bert):
     assert job_counts(res.stdout + res.stderr) == Counter({"fetch_wiki": 1, "fetch_senteval": 1, "unpack_senteval": 1,
                                               "tokenize": 2, "train": 2, "evaluate": 2, "transfer": 2,
                                               "transfer_table": 1, "report_manifest": 1, "tables": 1,
-                                              "default": 1})
+                                              "fetch_clustering": 8, "cluster_eval": 2, "clustering_table": 1,
+                                              "release": 2, "default": 1})
     runs = tmp_path / "results/runs"
     prompt_run, plain_run = runs / "clusterns-prompt/tiny/seed7", runs / "clusterns/tiny/seed7"
     # the prompt run trains on the sentence-only cache, with clustering, and exports its template
@@ -548,6 +549,10 @@ def test_prompt_run_and_transfer_tasks_end_to_end(tmp_path, mirror, tiny_bert):
     assert len(csv_rows) == 3 and csv_rows[0].split(",")[1:8] == list(TRANSFER_TASKS)
     main_md = (tmp_path / "results/tables/main.md").read_text()
     assert "ClusterNS (prompt)" in main_md and "ClusterNS" in main_md
+    # clustering (the demo's pooler: run): the prompt run embeds at its [MASK], the sentence cut at
+    # 128 tokens (the tiny vocabulary spells long AG texts past the 512 positions)
+    clu = json.loads((prompt_run / "clustering.json").read_text())
+    assert clu["meta"]["pooler"] == "mask" and clu["meta"]["max_length"] == 128
     # Nothing left to do: a rerun is a no-op
     again = snakemake(tmp_path, "-n", configfile=conf, env=env)
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr

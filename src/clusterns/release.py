@@ -1,8 +1,8 @@
 """Release stage: a finished run's model as a folder ready for the Hub, and the optional upload.
 
 ``python -m clusterns.release build --run-dir RUN --output RUN/release [--sts F] [--transfer F]
-[--clustering F]``: ``release/`` = every file of ``RUN/model`` (hard links, so no second copy of
-the weights; a copy where links cannot be made) plus a ``README.md`` model card with the run's
+[--clustering F]``: ``release/`` = every file of ``RUN/model`` but hidden bookkeeping files
+(hard links, so no second copy of the weights; a copy where links cannot be made) plus a ``README.md`` model card with the run's
 settings and its evaluation results.
 
 ``python -m clusterns.release push --folder RUN/release --repo-id USER/NAME [--private]``
@@ -49,7 +49,12 @@ def build_release(run_dir: str | Path, output: str | Path, *, sts: str | Path | 
     with atomic_path(output) as tmp:
         tmp.mkdir(parents=True)
         for src in sorted(model.rglob("*")):
-            dst = tmp / src.relative_to(model)
+            rel = src.relative_to(model)
+            if any(part.startswith(".") for part in rel.parts):
+                # bookkeeping such as Snakemake's .snakemake_timestamp: never published, and never
+                # linked (touching the link would touch the model and rerun every evaluation)
+                continue
+            dst = tmp / rel
             if src.is_dir():
                 dst.mkdir(parents=True, exist_ok=True)
                 continue

@@ -27,6 +27,7 @@ from torch import Tensor
 from clusterns import poolers
 from clusterns.config import EVALUATION_DEFAULTS, PROMPT_DEFAULTS
 from clusterns.model.encoder import pool
+from clusterns.model.export import check_fits
 
 __all__ = ["DTYPES", "DEVICES", "BatchEncoder", "PoolerEncoder", "Embedder", "embedder", "prompt_embedder",
            "resolve_device", "check_dtype", "effective_dtype", "autocast", "length_batches", "model_device"]
@@ -120,7 +121,8 @@ class PoolerEncoder:
         return texts, [len(ids) for ids in self.tokenizer(texts, **self.cut)["input_ids"]]
 
     def setup(self, lengths: list[int], device: torch.device) -> None:
-        pass
+        check_fits(max(lengths, default=0), self.model, self.tokenizer,
+                   "cut the text (the clustering stage's max_length) or use a backbone with more positions")
 
     def encode(self, items: list, device: torch.device) -> Tensor:
         enc = self.tokenizer(items, padding=True, return_tensors="pt", **self.cut)
@@ -182,7 +184,8 @@ def embedder(model, tokenizer, pooler: str, *, prompt: dict | None = None, proto
     The prompt pooler embeds with ``prompt`` (a ``clusterns_prompt.json`` content, see
     :func:`clusterns.model.prompt.prompt_config`; default: the model family's template pair) and
     its stored test protocol, or ``protocol`` when given; its template is never cut, so
-    ``max_length`` (truncation of the HF poolers' input) does not apply to it.
+    ``max_length`` cuts the input of the HF poolers, and the *sentence* tokens of the prompt
+    pooler (its template is never cut).
     """
     poolers.check(pooler)
     runtime = {"batch_size": batch_size, "device": device, "dtype": dtype, "progress": progress}
@@ -190,7 +193,7 @@ def embedder(model, tokenizer, pooler: str, *, prompt: dict | None = None, proto
         return Embedder(PoolerEncoder(model, tokenizer, pooler, max_length), **runtime)
     from clusterns.model.prompt import MaskEncoder
 
-    return Embedder(MaskEncoder.from_config(model, tokenizer, prompt, protocol), **runtime)
+    return Embedder(MaskEncoder.from_config(model, tokenizer, prompt, protocol, max_length=max_length), **runtime)
 
 
 def prompt_embedder(backbone, tokenizer, template, protocol: str = "raw", *,

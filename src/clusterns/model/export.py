@@ -61,6 +61,14 @@ def input_limit(backbone, tokenizer) -> int:
     return min(positions, int(declared)) if isinstance(declared, int) and declared < 10**6 else positions
 
 
+def check_fits(longest: int, backbone, tokenizer, fix: str) -> None:
+    """Refuse, before anything is encoded, an input of ``longest`` tokens that the backbone's
+    position table cannot hold (it would fail deep inside the model with an index error)."""
+    limit = input_limit(backbone, tokenizer)
+    if longest > limit:
+        raise ValueError(f"an input of {longest} tokens does not fit the backbone, which takes at most {limit}; {fix}")
+
+
 def _versions() -> dict:
     from importlib import metadata
 

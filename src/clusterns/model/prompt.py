@@ -91,6 +91,7 @@ from torch import Tensor, nn
 from clusterns.config import PROMPT_DEFAULTS
 from clusterns.poolers import PROMPT_POOLER
 from clusterns.model.encoder import MLPHead
+from clusterns.model.export import check_fits
 
 __all__ = [
     "TEMPLATES", "FAMILIES", "PROTOCOLS", "POSITION_OFFSET_MODES", "PROMPT_CONFIG_FILE",
@@ -612,11 +613,17 @@ class MaskEncoder:
     P_ns + s + S_ns + [EOS]; [MASK] state minus δ_1(n) with max(``delta_rows``, n_max + 1) rows,
     computed once per call (rows are independent in eval mode, so this equals per-batch
     recomputation). ``spliced``: the same splice without δ.
+
+    ``max_length`` (None: no cut, the STS protocol) cuts each *sentence* to its first
+    ``max_length`` tokens, tokenized alone, before the template goes around it, so the template
+    is always whole (the clustering protocol's 128-token cut). ``raw`` cuts the sentence string at
+    the end of that token, then formats it.
     """
 
     def __init__(self, backbone, tokenizer, template, protocol: str = PROMPT_DEFAULTS["test_protocol"], *,
                  delta_rows: int = PROMPT_DEFAULTS["eval_delta_rows"],
-                 roberta_position_offset: str = PROMPT_DEFAULTS["roberta_position_offset"]) -> None:
+                 roberta_position_offset: str = PROMPT_DEFAULTS["roberta_position_offset"],
+                 max_length: int | None = None) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown prompt protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if roberta_position_offset not in POSITION_OFFSET_MODES:
@@ -626,30 +633,50 @@ class MaskEncoder:
             raise ValueError(f"template parsed for {self.template.family} but the backbone is {detect_family(backbone)}")
         self.model, self.tokenizer, self.protocol = backbone, tokenizer, protocol
         self.delta_rows, self.roberta_position_offset = int(delta_rows), roberta_position_offset
+        self.max_length = None if max_length is None else int(max_length)
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
         self.hidden_size = backbone.config.hidden_size
         self._delta: Tensor | None = None
 
     @classmethod
     def from_config(cls, backbone, tokenizer, config: Mapping[str, Any] | None = None,
-                    protocol: str | None = None) -> "MaskEncoder":
+                    protocol: str | None = None, max_length: int | None = None) -> "MaskEncoder":
         """From a ``clusterns_prompt.json`` content (None: the backbone family's template pair with
         the default protocol, as for released prompt checkpoints); ``protocol`` overrides the
-        stored test protocol."""
+        stored test protocol; ``max_length`` cuts the sentences."""
         if config is None:
             family = detect_family(backbone)
             config = prompt_config(family, TEMPLATES[family])
         template = Template.from_string(config["template"], tokenizer, config["family"])
         return cls(backbone, tokenizer, template, protocol or config["protocol"], delta_rows=config["delta_rows"],
-                   roberta_position_offset=config["roberta_position_offset"])
+                   roberta_position_offset=config["roberta_position_offset"], max_length=max_length)
 
     def prepare(self, texts: list[str]) -> tuple[list, list[int]]:
         if self.protocol == "raw":
+            if self.max_length is not None:
+                texts = self._cut_strings(texts)
             items = [format_test_sentence(self.template.template, s, self.template.mask_token) for s in texts]
             return items, [len(ids) for ids in self.tokenizer(items, verbose=False)["input_ids"]]
-        items = sentence_only_ids(self.tokenizer, texts, max_len=None)
+        items = sentence_only_ids(self.tokenizer, texts, max_len=self.max_length)
         return items, [len(ids) for ids in items]
 
+    def _cut_strings(self, texts: list[str]) -> list[str]:
+        """Each text up to the end of its ``max_length``-th token (tokenized alone)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("cutting prompt inputs needs a fast tokenizer (character offsets)")
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [t if len(spans) <= self.max_length else t[:spans[self.max_length - 1][1]]
+                for t, spans in zip(texts, enc["offset_mapping"])]
+
     def setup(self, lengths: list[int], device: torch.device) -> None:
+        t = self.template
+        longest = max(lengths, default=0)
+        if self.protocol != "raw":  # lengths are sentence tokens; the row adds the template
+            longest += len(t.prefix_ids) + len(t.suffix_ids)
+        fix = ("cut the sentences (the clustering stage's max_length)" if self.max_length is None
+               else "lower max_length") + " or use a backbone with more positions"
+        check_fits(longest, self.model, self.tokenizer, fix)
         self._delta = None
         if self.protocol == "denoised":
             offset = denoise_position_offset(self.model, self.roberta_position_offset)
