@@ -26,8 +26,7 @@ from torch import Tensor
 
 from clusterns import poolers
 from clusterns.config import EVALUATION_DEFAULTS, PROMPT_DEFAULTS
-from clusterns.model.encoder import pool
-from clusterns.model.export import check_fits
+from clusterns.model.encoder import check_fits, pool
 
 __all__ = ["DTYPES", "DEVICES", "BatchEncoder", "PoolerEncoder", "Embedder", "embedder", "prompt_embedder",
            "resolve_device", "check_dtype", "effective_dtype", "autocast", "length_batches", "model_device"]

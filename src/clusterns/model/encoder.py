@@ -158,3 +158,21 @@ def load_backbone(path: str | Path, dropout: float | None = None, attn_implement
     except (ValueError, ImportError):
         # Older architectures without SDPA support fall back to the eager implementation.
         return AutoModel.from_pretrained(path, config=config)
+
+
+def input_limit(backbone, tokenizer) -> int:
+    """The longest input the backbone takes (its position table, RoBERTa's two reserved rows
+    aside), so that sentence-transformers never cuts a sentence our evaluator embeds whole."""
+    positions = int(getattr(backbone.config, "max_position_embeddings", 512))
+    if getattr(backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        positions -= int(backbone.config.pad_token_id) + 1
+    declared = getattr(tokenizer, "model_max_length", None)
+    return min(positions, int(declared)) if isinstance(declared, int) and declared < 10**6 else positions
+
+
+def check_fits(longest: int, backbone, tokenizer, fix: str) -> None:
+    """Refuse, before anything is encoded, an input of ``longest`` tokens that the backbone's
+    position table cannot hold (it would fail deep inside the model with an index error)."""
+    limit = input_limit(backbone, tokenizer)
+    if longest > limit:
+        raise ValueError(f"an input of {longest} tokens does not fit the backbone, which takes at most {limit}; {fix}")

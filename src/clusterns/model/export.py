@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clusterns import poolers
+from clusterns.model.encoder import input_limit
 from clusterns.utils.files import write_json_atomic
 
 __all__ = ["export_model"]
@@ -49,24 +50,6 @@ def export_model(backbone, tokenizer, out_dir: Path, eval_pooler: str, prompt_co
     write_json_atomic(out_dir / "config_sentence_transformers.json", {
         "__version__": _versions(), "model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
         "similarity_fn_name": "cosine"})
-
-
-def input_limit(backbone, tokenizer) -> int:
-    """The longest input the backbone takes (its position table, RoBERTa's two reserved rows
-    aside), so that sentence-transformers never cuts a sentence our evaluator embeds whole."""
-    positions = int(getattr(backbone.config, "max_position_embeddings", 512))
-    if getattr(backbone.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-        positions -= int(backbone.config.pad_token_id) + 1
-    declared = getattr(tokenizer, "model_max_length", None)
-    return min(positions, int(declared)) if isinstance(declared, int) and declared < 10**6 else positions
-
-
-def check_fits(longest: int, backbone, tokenizer, fix: str) -> None:
-    """Refuse, before anything is encoded, an input of ``longest`` tokens that the backbone's
-    position table cannot hold (it would fail deep inside the model with an index error)."""
-    limit = input_limit(backbone, tokenizer)
-    if longest > limit:
-        raise ValueError(f"an input of {longest} tokens does not fit the backbone, which takes at most {limit}; {fix}")
 
 
 def _versions() -> dict:

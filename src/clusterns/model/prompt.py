@@ -90,8 +90,7 @@ from torch import Tensor, nn
 
 from clusterns.config import PROMPT_DEFAULTS
 from clusterns.poolers import PROMPT_POOLER
-from clusterns.model.encoder import MLPHead
-from clusterns.model.export import check_fits
+from clusterns.model.encoder import MLPHead, check_fits
 
 __all__ = [
     "TEMPLATES", "FAMILIES", "PROTOCOLS", "POSITION_OFFSET_MODES", "PROMPT_CONFIG_FILE",
